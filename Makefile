@@ -1,0 +1,60 @@
+# mktme-emu: the two commands a new user needs are `make vm` and `make test`;
+# every target that needs set-up depends on `setup`, which is idempotent.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+APT_PACKAGES := qemu-system-x86 busybox-static ndctl e2fsprogs xfsprogs cpio
+STAMP       := $(VENV)/.installed
+
+.PHONY: setup apt venv kernel vm test test-unit test-vm bench lint demo clean
+
+setup: apt venv
+
+# Install only what is missing, so a second run does nothing (and needs no network).
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing apt packages:" $$missing; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+# The guest kernel (Debian's linux-image package, unpacked into a cache).
+kernel: setup
+	$(BIN)/mktme-emu kernel fetch
+
+vm: setup kernel
+	$(BIN)/mktme-emu boot
+
+test: setup kernel
+	$(BIN)/python -m pytest -ra
+
+test-unit: setup
+	$(BIN)/python -m pytest -ra -m 'not vm'
+
+test-vm: setup kernel
+	$(BIN)/python -m pytest -ra -m vm
+
+bench: setup kernel
+	$(BIN)/python -m bench
+
+lint: setup
+	$(BIN)/ruff check emulator guest tests bench
+	$(BIN)/mypy emulator guest
+
+demo: setup kernel
+	$(BIN)/mktme-emu scenario all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,87 @@
+"""The DIMM cells: the raw media file, written only through the page journal."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import PAGE_SIZE
+from .persist import JOURNAL_FILE, Journal
+
+MEDIA_FILE = "media"
+LABEL_FILE = "label"
+# Pages per journal batch: bounds the journal file and the memory a batch pins.
+JOURNAL_BATCH_PAGES = 4096
+
+
+class Media:
+    """Byte i of ``media`` is data-area offset i; nothing else is in it.
+
+    Reads are plain preads.  Writes go journal -> media, batch by batch, so
+    no page is ever torn; :meth:`sync` makes them durable.  Not thread-safe.
+    """
+
+    def __init__(self, state_dir: Path, size: int, label_size: int) -> None:
+        self.size = size
+        self.label_path = state_dir / LABEL_FILE
+        self.label_size = label_size
+        path = state_dir / MEDIA_FILE
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        existing = os.fstat(self._fd).st_size
+        if existing not in (0, size):
+            os.close(self._fd)
+            from ..errors import StateError
+            raise StateError(f"{path} holds {existing} bytes, the device has {size}")
+        if existing == 0:
+            os.ftruncate(self._fd, size)
+        self.journal = Journal(state_dir / JOURNAL_FILE)
+        self._replay()
+
+    def _replay(self) -> None:
+        """Finish a batch a crash interrupted (it is complete in the journal)."""
+        pages = self.journal.pending()
+        if pages:
+            for offset, page in pages:
+                os.pwrite(self._fd, page, offset)
+            os.fdatasync(self._fd)
+            self.journal.retire()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` from media at ``offset``. Blocks on disk reads."""
+        done = 0
+        while done < len(buffer):
+            got = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"short read from media at {offset + done:#x}")
+            done += got
+
+    def write_pages(self, pages: Sequence[tuple[int, memoryview]]) -> None:
+        """Write whole pages (offset, 4 KiB) through the journal; not yet durable."""
+        for start in range(0, len(pages), JOURNAL_BATCH_PAGES):
+            batch = pages[start:start + JOURNAL_BATCH_PAGES]
+            self.journal.record(batch)
+            for offset, page in batch:
+                assert offset % PAGE_SIZE == 0 and len(page) == PAGE_SIZE
+                os.pwrite(self._fd, page, offset)
+            os.fdatasync(self._fd)
+            self.journal.retire()
+
+    def sync(self) -> None:
+        """Make every media write so far durable. Blocks on fdatasync."""
+        os.fdatasync(self._fd)
+
+    def read_label(self) -> bytes:
+        try:
+            raw = self.label_path.read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        return raw[: self.label_size].ljust(self.label_size, b"\0")
+
+    def close(self) -> None:
+        self.journal.close()
+        os.close(self._fd)

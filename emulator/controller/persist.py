@@ -1,0 +1,159 @@
+"""Crash-safe files of the state directory: the metadata file and the page journal.
+
+Metadata (``metadata``): the device configuration, the per-page KeyID and
+logical tweak, the per-KeyID kind (user/random/no-encrypt, never a key), and
+the page ranges whose view fill was in progress.  It is replaced atomically
+(write a temporary file, fsync, rename, fsync the directory), so a reader
+finds the old or the new state, never a mix.
+
+Journal (``journal``): the double-write buffer that makes media writes
+torn-page-free.  A batch of pages is written to the journal with a CRC and
+made durable *before* any of them touches the media; after a crash the last
+valid batch is written again (idempotent).  Every media write goes through
+it, so the newest valid record is always the batch in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StateError
+from .config import PAGE_SIZE
+
+METADATA_FILE = "metadata"
+JOURNAL_FILE = "journal"
+_MD_MAGIC = b"MKTMEMD1"
+_MD_HEAD = struct.Struct("<8sI")
+_JR_MAGIC = 0x4C4E524A4D544B4D  # "MKTMJRNL"
+_JR_HEAD = struct.Struct("<QQII")  # magic, sequence, page count, crc32
+
+
+@dataclass
+class Metadata:
+    """Device configuration and per-page state; contains no key material."""
+
+    config: dict[str, object]
+    page_keyid: np.ndarray  # uint16 per page
+    page_tweak: np.ndarray  # uint64 per page: the logical page tweak
+    keyid_kind: np.ndarray  # uint8 per KeyID: keytable.SlotKind
+    pending_fill: list[tuple[int, int]] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        header = json.dumps({"config": self.config, "pending_fill": self.pending_fill,
+                             "pages": len(self.page_keyid),
+                             "keyids": len(self.keyid_kind)}).encode()
+        body = (_MD_HEAD.pack(_MD_MAGIC, len(header)) + header
+                + self.page_keyid.astype("<u2").tobytes()
+                + self.page_tweak.astype("<u8").tobytes()
+                + self.keyid_kind.astype("u1").tobytes())
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    @classmethod
+    def decode(cls, raw: bytes, where: Path) -> Metadata:
+        if len(raw) < _MD_HEAD.size + 4 or raw[:8] != _MD_MAGIC:
+            raise StateError(f"{where}: not an mktme-emu metadata file")
+        body, (crc,) = raw[:-4], struct.unpack("<I", raw[-4:])
+        if zlib.crc32(body) != crc:
+            raise StateError(f"{where}: metadata checksum mismatch (damaged file)")
+        _, header_len = _MD_HEAD.unpack_from(raw)
+        start = _MD_HEAD.size + header_len
+        header = json.loads(raw[_MD_HEAD.size:start])
+        pages, keyids = header["pages"], header["keyids"]
+        keyid = np.frombuffer(raw, "<u2", pages, start).astype(np.uint16)
+        tweak = np.frombuffer(raw, "<u8", pages, start + 2 * pages).astype(np.uint64)
+        kinds = np.frombuffer(raw, "u1", keyids, start + 10 * pages).astype(np.uint8)
+        pending = [tuple(r) for r in header.get("pending_fill", [])]
+        return cls(header["config"], keyid, tweak, kinds, pending)  # type: ignore[arg-type]
+
+
+def save_metadata(state_dir: Path, meta: Metadata) -> None:
+    """Replace the metadata file atomically and durably. Blocks on fsync."""
+    atomic_write(state_dir / METADATA_FILE, meta.encode())
+
+
+def load_metadata(state_dir: Path) -> Metadata | None:
+    """The stored metadata, or None for a new state directory."""
+    path = state_dir / METADATA_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return Metadata.decode(raw, path)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """Double-write buffer for media pages. Not thread-safe (the controller serialises)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._sequence = 0
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def record(self, pages: Iterable[tuple[int, bytes | memoryview]]) -> None:
+        """Make a batch of (media offset, page) durable in the journal. Blocks on fdatasync."""
+        offsets, chunks = [], []
+        for offset, page in pages:
+            offsets.append(offset)
+            chunks.append(page)
+        index = np.asarray(offsets, dtype="<u8").tobytes()
+        crc = zlib.crc32(index)
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+        self._sequence += 1
+        header = _JR_HEAD.pack(_JR_MAGIC, self._sequence, len(offsets), crc)
+        os.pwritev(self._fd, [header, index, *chunks], 0)
+        os.fdatasync(self._fd)
+
+    def retire(self) -> None:
+        """Mark the batch applied (a lost retire only means an idempotent replay)."""
+        os.pwrite(self._fd, bytes(_JR_HEAD.size), 0)
+
+    def pending(self) -> list[tuple[int, bytes]]:
+        """The last batch if it is complete and valid, else nothing."""
+        head = os.pread(self._fd, _JR_HEAD.size, 0)
+        if len(head) < _JR_HEAD.size:
+            return []
+        magic, sequence, count, crc = _JR_HEAD.unpack(head)
+        if magic != _JR_MAGIC or count == 0:
+            return []
+        index = os.pread(self._fd, 8 * count, _JR_HEAD.size)
+        data = os.pread(self._fd, PAGE_SIZE * count, _JR_HEAD.size + 8 * count)
+        if len(index) != 8 * count or len(data) != PAGE_SIZE * count:
+            return []
+        if zlib.crc32(data, zlib.crc32(index)) != crc:
+            return []
+        self._sequence = sequence
+        offsets = np.frombuffer(index, "<u8")
+        return [(int(off), data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i, off in enumerate(offsets)]

@@ -1,0 +1,365 @@
+"""The KeyID table: the PCONFIG leaf MKTME_KEY_PROGRAM and the TME policy.
+
+Hardware-shaped on purpose: :meth:`KeyTable.program` takes the 192-byte
+MKTME_KEY_PROGRAM_STRUCT exactly as software hands it to PCONFIG and answers
+with its status code.  The controller asks :meth:`KeyTable.cipher` which key
+a KeyID encrypts with (``None`` = the data passes unencrypted).
+
+Layout of MKTME_KEY_PROGRAM_STRUCT (little-endian, 192 bytes):
+
+    0   u16  KEYID
+    2   u32  KEYID_CTRL  bits 7:0 command, 23:8 algorithm, 31:24 reserved (0)
+    6   58   reserved
+    64  64   KEY_FIELD_1 (data key, or entropy for SET_KEY_RANDOM)
+    128 64   KEY_FIELD_2 (tweak key, or entropy)
+
+Key material exists only inside :class:`~mktme_emu.crypto.XtsKey` objects
+and the short-lived bytes that build them; the one key ever written to disk
+is the ``retained`` TME platform key (mode 0600), as the hardware's "save
+key for standby" does.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .crypto import XtsKey
+from .errors import ConfigError, CryptoError, KeyProgramError
+
+STRUCT_SIZE = 192
+KEY_FIELD_SIZE = 64
+_HEADER = struct.Struct("<HI")
+MIN_KEYID_BITS, MAX_KEYID_BITS, DEFAULT_KEYID_BITS = 1, 15, 6
+PLATFORM_KEY_FILE = "tme-platform-key"
+
+RandomSource = Callable[[int], bytes]
+
+
+class KeyStatus(enum.IntEnum):
+    """PCONFIG MKTME_KEY_PROGRAM return codes."""
+
+    PROG_SUCCESS = 0
+    INVALID_PROG_CMD = 1
+    ENTROPY_ERROR = 2
+    INVALID_KEYID = 3
+    INVALID_ENC_ALG = 4
+    DEVICE_BUSY = 5
+
+
+class KeyCommand(enum.IntEnum):
+    """KEYID_CTRL bits 7:0."""
+
+    SET_KEY_DIRECT = 0
+    SET_KEY_RANDOM = 1
+    CLEAR_KEY = 2
+    NO_ENCRYPT = 3
+
+
+class Algorithm(enum.IntEnum):
+    """KEYID_CTRL bits 23:8: exactly one bit set. Value = bit in the 16-bit field."""
+
+    AES_XTS_128 = 1 << 0
+    AES_XTS_256 = 1 << 2
+
+    @property
+    def key_bytes(self) -> int:
+        """Bytes of each key field used: 16 for XTS-128, 32 for XTS-256."""
+        return 16 if self is Algorithm.AES_XTS_128 else 32
+
+    @classmethod
+    def from_name(cls, name: str) -> Algorithm:
+        """Parse ``aes-xts-128`` / ``aes-xts-256``."""
+        try:
+            return {"aes-xts-128": cls.AES_XTS_128, "aes-xts-256": cls.AES_XTS_256}[name]
+        except KeyError:
+            raise KeyProgramError(f"unknown algorithm {name!r} (aes-xts-128 or aes-xts-256)") from None
+
+
+class TmePolicy(enum.Enum):
+    """What KeyID 0 (and every unprogrammed KeyID) does."""
+
+    BYPASS = "bypass"  # no encryption, as BIOSes offer for persistent memory
+    EPHEMERAL = "ephemeral"  # a fresh platform key at every power cycle
+    RETAINED = "retained"  # a platform key kept in the state directory
+
+
+class SlotKind(enum.IntEnum):
+    """What a KeyID currently does; persisted per KeyID (never the key itself)."""
+
+    TME = 0  # unprogrammed, cleared, or KeyID 0
+    USER = 1  # SET_KEY_DIRECT
+    RANDOM = 2  # SET_KEY_RANDOM
+    NO_ENCRYPT = 3
+
+
+@dataclass(frozen=True)
+class KeyProgram:
+    """A decoded MKTME_KEY_PROGRAM_STRUCT. Its repr never shows the key fields."""
+
+    keyid: int
+    command: int
+    algorithm: int
+    key_field_1: bytes = field(default=bytes(KEY_FIELD_SIZE), repr=False)
+    key_field_2: bytes = field(default=bytes(KEY_FIELD_SIZE), repr=False)
+    reserved_ctrl: int = 0
+    reserved_bytes: bytes = field(default=bytes(58), repr=False)
+
+    def pack(self) -> bytes:
+        """The 192-byte struct software hands to PCONFIG."""
+        ctrl = (self.command & 0xFF) | ((self.algorithm & 0xFFFF) << 8) | (self.reserved_ctrl << 24)
+        return (_HEADER.pack(self.keyid, ctrl) + self.reserved_bytes
+                + self.key_field_1.ljust(KEY_FIELD_SIZE, b"\0")
+                + self.key_field_2.ljust(KEY_FIELD_SIZE, b"\0"))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KeyProgram:
+        """Decode a struct of exactly 192 bytes (validation is the table's job)."""
+        if len(raw) != STRUCT_SIZE:
+            raise KeyProgramError(f"MKTME_KEY_PROGRAM_STRUCT is {STRUCT_SIZE} bytes, got {len(raw)}")
+        keyid, ctrl = _HEADER.unpack_from(raw)
+        return cls(keyid=keyid, command=ctrl & 0xFF, algorithm=(ctrl >> 8) & 0xFFFF,
+                   reserved_ctrl=ctrl >> 24, reserved_bytes=bytes(raw[6:64]),
+                   key_field_1=bytes(raw[64:128]), key_field_2=bytes(raw[128:192]))
+
+
+@dataclass
+class _Slot:
+    kind: SlotKind = SlotKind.TME
+    key: XtsKey | None = None
+
+
+@dataclass(frozen=True)
+class PreparedKey:
+    """A validated programming request, ready to be committed.
+
+    Exists so the controller can write pages back under the old key between
+    validation and the switch (SPEC 3: "written back under the old key, then
+    filled under the new one").
+    """
+
+    keyid: int
+    kind: SlotKind
+    key: XtsKey | None = field(repr=False)
+
+
+class KeyTable:
+    """KeyIDs 0 .. 2^keyid_bits - 1 with their keys; KeyID 0 follows the TME policy.
+
+    Not thread-safe: the controller serialises access.  ``random`` is the
+    entropy source (a parameter so tests can make it fail or repeat).
+    """
+
+    def __init__(self, keyid_bits: int = DEFAULT_KEYID_BITS, tme: TmePolicy = TmePolicy.BYPASS,
+                 state_dir: Path | None = None, random: RandomSource = os.urandom) -> None:
+        if not MIN_KEYID_BITS <= keyid_bits <= MAX_KEYID_BITS:
+            raise ConfigError(f"keyid bits must be {MIN_KEYID_BITS}..{MAX_KEYID_BITS}, got {keyid_bits}")
+        if tme is TmePolicy.RETAINED and state_dir is None:
+            raise ConfigError("the retained TME policy needs a state directory for its key")
+        self.keyid_bits = keyid_bits
+        self.tme = tme
+        self._state_dir = state_dir
+        self._random = random
+        self._slots = [_Slot() for _ in range(1 << keyid_bits)]
+        self._platform_key = self._make_platform_key()
+
+    @property
+    def keyid_count(self) -> int:
+        return len(self._slots)
+
+    def _make_platform_key(self) -> XtsKey | None:
+        if self.tme is TmePolicy.BYPASS:
+            return None
+        if self.tme is TmePolicy.EPHEMERAL:
+            return _random_xts_key(self._random, 32)
+        assert self._state_dir is not None
+        return _load_or_create_retained_key(self._state_dir / PLATFORM_KEY_FILE, self._random)
+
+    # -- the PCONFIG leaf -------------------------------------------------
+
+    def prepare(self, raw: bytes) -> PreparedKey | KeyStatus:
+        """Validate a struct; return what to commit, or the failure status.
+
+        Changes nothing.  SET_KEY_RANDOM draws its randomness here, so an
+        entropy failure is ENTROPY_ERROR before anything changed.
+        """
+        if len(raw) != STRUCT_SIZE:
+            return KeyStatus.INVALID_PROG_CMD
+        prog = KeyProgram.unpack(raw)
+        if not 0 < prog.keyid < self.keyid_count:
+            return KeyStatus.INVALID_KEYID
+        if prog.reserved_ctrl or prog.command not in KeyCommand._value2member_map_:
+            return KeyStatus.INVALID_PROG_CMD
+        if prog.algorithm not in Algorithm._value2member_map_:
+            return KeyStatus.INVALID_ENC_ALG
+        return self._prepare_command(prog, KeyCommand(prog.command), Algorithm(prog.algorithm))
+
+    def _prepare_command(self, prog: KeyProgram, command: KeyCommand,
+                         alg: Algorithm) -> PreparedKey | KeyStatus:
+        if command is KeyCommand.CLEAR_KEY:
+            return PreparedKey(prog.keyid, SlotKind.TME, None)
+        if command is KeyCommand.NO_ENCRYPT:
+            return PreparedKey(prog.keyid, SlotKind.NO_ENCRYPT, None)
+        n = alg.key_bytes
+        data_key, tweak_key = prog.key_field_1[:n], prog.key_field_2[:n]
+        kind = SlotKind.USER
+        if command is KeyCommand.SET_KEY_RANDOM:
+            try:
+                fresh = self._random(2 * n)
+            except OSError:
+                return KeyStatus.ENTROPY_ERROR
+            if len(fresh) != 2 * n:
+                return KeyStatus.ENTROPY_ERROR
+            data_key = _xor(data_key, fresh[:n])
+            tweak_key = _xor(tweak_key, fresh[n:])
+            kind = SlotKind.RANDOM
+        try:
+            key = XtsKey(data_key + tweak_key)
+        except CryptoError:  # equal data and tweak keys: XTS forbids them
+            return KeyStatus.ENTROPY_ERROR if kind is SlotKind.RANDOM else KeyStatus.INVALID_PROG_CMD
+        return PreparedKey(prog.keyid, kind, key)
+
+    def commit(self, prepared: PreparedKey) -> None:
+        """Switch the KeyID to the prepared key; the old key is wiped."""
+        slot = self._slots[prepared.keyid]
+        if slot.key is not None:
+            slot.key.wipe()
+        self._slots[prepared.keyid] = _Slot(prepared.kind, prepared.key)
+
+    def program(self, raw: bytes) -> KeyStatus:
+        """PCONFIG MKTME_KEY_PROGRAM: validate and commit in one step."""
+        prepared = self.prepare(raw)
+        if isinstance(prepared, KeyStatus):
+            return prepared
+        self.commit(prepared)
+        return KeyStatus.PROG_SUCCESS
+
+    # -- what the memory controller asks ----------------------------------
+
+    def kind(self, keyid: int) -> SlotKind:
+        """What the KeyID does now (TME for KeyID 0 and unprogrammed ones)."""
+        return self._slots[self._check(keyid)].kind
+
+    def cipher(self, keyid: int) -> XtsKey | None:
+        """The key data under this KeyID is encrypted with; None = stored as is."""
+        slot = self._slots[self._check(keyid)]
+        if slot.kind is SlotKind.TME:
+            return self._platform_key
+        return slot.key  # None for NO_ENCRYPT
+
+    def power_cycle(self) -> None:
+        """Forget every programmed key and, under ``ephemeral``, the platform key."""
+        for keyid, slot in enumerate(self._slots):
+            if slot.key is not None:
+                slot.key.wipe()
+            self._slots[keyid] = _Slot()
+        if self.tme is TmePolicy.EPHEMERAL:
+            self._platform_key = self._make_platform_key()
+
+    def restore_no_encrypt(self, keyid: int) -> None:
+        """Re-establish a NO_ENCRYPT KeyID after a backend restart (it has no key to lose)."""
+        self._slots[self._check(keyid)] = _Slot(SlotKind.NO_ENCRYPT, None)
+
+    def _check(self, keyid: int) -> int:
+        if not 0 <= keyid < self.keyid_count:
+            raise KeyProgramError(f"KeyID {keyid} out of range 0..{self.keyid_count - 1}")
+        return keyid
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def _random_xts_key(random: RandomSource, size: int) -> XtsKey:
+    while True:
+        raw = random(size)
+        if raw[: size // 2] != raw[size // 2:]:
+            return XtsKey(raw)
+
+
+def _load_or_create_retained_key(path: Path, random: RandomSource) -> XtsKey:
+    """The "save key for standby" platform key: created once, mode 0600."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = b""
+    if len(raw) == 32:
+        return XtsKey(raw)
+    if raw:
+        raise ConfigError(f"{path}: damaged TME platform key file ({len(raw)} bytes)")
+    key_bytes = bytearray(32)
+    while key_bytes[:16] == key_bytes[16:]:
+        key_bytes[:] = random(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return XtsKey(key_bytes)
+
+
+_OPTION_COMMANDS = {
+    "user": KeyCommand.SET_KEY_DIRECT,
+    "cpu": KeyCommand.SET_KEY_RANDOM,
+    "clear": KeyCommand.CLEAR_KEY,
+    "no-encrypt": KeyCommand.NO_ENCRYPT,
+}
+
+
+def parse_key_options(keyid: int, options: str) -> KeyProgram:
+    """Parse the Linux MKTME key-service option string into a struct.
+
+    ``type=user|cpu|clear|no-encrypt algorithm=aes-xts-128|aes-xts-256
+    key=HEX tweak=HEX`` (key and tweak are required for ``user``, optional
+    entropy for ``cpu``, refused for the others).  Raises KeyProgramError
+    naming the bad field; the message never repeats key material.
+    """
+    fields: dict[str, str] = {}
+    for token in options.split():
+        name, sep, value = token.partition("=")
+        if not sep or not value:
+            raise KeyProgramError(f"key option {name!r} is not of the form name=value")
+        if name not in ("type", "algorithm", "key", "tweak"):
+            raise KeyProgramError(f"unknown key option {name!r} (type, algorithm, key, tweak)")
+        if name in fields:
+            raise KeyProgramError(f"key option {name!r} given twice")
+        fields[name] = value
+    if "type" not in fields:
+        raise KeyProgramError("key options need type=user|cpu|clear|no-encrypt")
+    command = _OPTION_COMMANDS.get(fields["type"])
+    if command is None:
+        raise KeyProgramError(f"unknown key type {fields['type']!r} (user, cpu, clear, no-encrypt)")
+    alg = Algorithm.from_name(fields.get("algorithm", "aes-xts-128"))
+    return build_program(keyid, command, alg, fields.get("key"), fields.get("tweak"))
+
+
+def build_program(keyid: int, command: KeyCommand, alg: Algorithm,
+                  key_hex: str | None = None, tweak_hex: str | None = None) -> KeyProgram:
+    """A struct for one command, checking key field presence and sizes."""
+    needs_keys = command is KeyCommand.SET_KEY_DIRECT
+    takes_keys = command in (KeyCommand.SET_KEY_DIRECT, KeyCommand.SET_KEY_RANDOM)
+    if needs_keys and (key_hex is None or tweak_hex is None):
+        raise KeyProgramError("a user key needs both key= and tweak=")
+    if not takes_keys and (key_hex is not None or tweak_hex is not None):
+        raise KeyProgramError(f"{command.name} takes no key or tweak")
+    field_1 = _key_field("key", key_hex, alg)
+    field_2 = _key_field("tweak", tweak_hex, alg)
+    return KeyProgram(keyid=keyid, command=int(command), algorithm=int(alg),
+                      key_field_1=field_1, key_field_2=field_2)
+
+
+def _key_field(name: str, value: str | None, alg: Algorithm) -> bytes:
+    if value is None:
+        return bytes(KEY_FIELD_SIZE)
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise KeyProgramError(f"{name}= is not hexadecimal") from None
+    if len(raw) != alg.key_bytes:
+        raise KeyProgramError(f"{name}= must be {alg.key_bytes} bytes for {alg.name}, got {len(raw)}")
+    return raw.ljust(KEY_FIELD_SIZE, b"\0")

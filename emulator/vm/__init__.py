@@ -1,0 +1,1 @@
+"""Building and driving test VMs: guest kernel, initramfs, QEMU profiles, QMP launcher."""
