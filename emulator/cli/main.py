@@ -1,0 +1,59 @@
+"""``mktme-emu``: the host command line (SPEC section 5).
+
+Only :func:`main` turns an exception into an exit status and a one-line
+message; every command is a function ``(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import MktmeError
+from . import device
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mktme-emu",
+        description="Emulate Intel TME-MK (MKTME) memory encryption on a QEMU NVDIMM.")
+    parser.add_argument("--version", action="version", version=f"mktme-emu {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    device.add_commands(commands)
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_optional_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The VM and scenario commands (they live in their own modules)."""
+    try:  # TEMPORARY until the VM layer lands
+        from . import vm_commands
+    except ImportError:
+        return
+    vm_commands.add_vm_commands(commands)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="mktme-emu: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except MktmeError as exc:
+        print(f"mktme-emu: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
