@@ -34,6 +34,7 @@ _MD_MAGIC = b"MKTMEMD1"
 _MD_HEAD = struct.Struct("<8sI")
 _JR_MAGIC = 0x4C4E524A4D544B4D  # "MKTMJRNL"
 _JR_HEAD = struct.Struct("<QQII")  # magic, sequence, page count, crc32
+_IOV_MAX = 512  # below the kernel's UIO_MAXIOV (1024)
 
 
 @dataclass
@@ -110,6 +111,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> int:
+    """pwritev that finishes short writes; returns the bytes written."""
+    total = sum(len(b) for b in buffers)
+    done = os.pwritev(fd, buffers, offset)
+    if done < total:  # rare (signals, quotas): finish the rest plainly
+        rest = b"".join(bytes(b) for b in buffers)[done:]
+        while rest:
+            n = os.pwrite(fd, rest, offset + done)
+            rest, done = rest[n:], done + n
+    return total
+
+
 class Journal:
     """Double-write buffer for media pages. Not thread-safe (the controller serialises)."""
 
@@ -133,7 +146,11 @@ class Journal:
             crc = zlib.crc32(chunk, crc)
         self._sequence += 1
         header = _JR_HEAD.pack(_JR_MAGIC, self._sequence, len(offsets), crc)
-        os.pwritev(self._fd, [header, index, *chunks], 0)
+        buffers: list[bytes | memoryview] = [header, index, *chunks]
+        position = 0
+        for start in range(0, len(buffers), _IOV_MAX):
+            group = buffers[start:start + _IOV_MAX]
+            position += _pwritev_all(self._fd, group, position)
         os.fdatasync(self._fd)
 
     def retire(self) -> None:

@@ -1,0 +1,1 @@
+"""`make bench`: throughput and latency figures, each beside its reference measured in the same run."""

@@ -1,0 +1,25 @@
+"""Run every benchmark section, or those named: ``python -m bench [xts] [backend] [vm]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import backend, vm, xts
+
+SECTIONS = {"xts": xts.run, "backend": backend.run, "vm": vm.run}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("sections", nargs="*", choices=[*SECTIONS, []], default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    args = parser.parse_args()
+    for name in args.sections:
+        print(f"== {name}", flush=True)
+        SECTIONS[name](quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Backend figures: fill and flush throughput, map latency, socket round trips, private memory."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mktme_emu.protocol import Client, KeyCommand, key_program
+
+from .report import best_of, line
+
+MiB = 1 << 20
+
+
+@contextlib.contextmanager
+def backend(size: int) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """A real `mktme-emu serve` with its view in /dev/shm, stopped with SIGTERM."""
+    with tempfile.TemporaryDirectory(prefix="mktme-bench-") as tmp:
+        state = Path(tmp) / "state"
+        view = Path(tempfile.mktemp(prefix="mktme-bench-", suffix=".view", dir="/dev/shm"))
+        argv = [sys.executable, "-m", "mktme_emu.cli.main", "serve", "--state-dir", str(state),
+                "--size", str(size), "--base", "0x100000000", "--view", str(view)]
+        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        sock = state / "control.sock"
+        try:
+            _wait_for(sock, proc)
+            yield proc, sock, view
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+            view.unlink(missing_ok=True)
+
+
+def _wait_for(sock: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the backend exited during start-up")
+        with contextlib.suppress(Exception), Client.connect(sock) as client:
+            client.features()
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the backend did not answer")
+
+
+def _disk_write_speed(directory: Path, size: int) -> float:
+    """Seconds to write `size` bytes and fdatasync them: the disk's own speed, the reference."""
+    data = os.urandom(MiB)
+    path = directory / "disk-reference"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        start = time.perf_counter()
+        for offset in range(0, size, MiB):
+            os.pwrite(fd, data, offset)
+        os.fdatasync(fd)
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def _private_memory(pid: int) -> dict[str, int]:
+    fields = {}
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = row.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+def _throughput(proc: subprocess.Popen[bytes], sock: Path, view: Path, size: int) -> None:
+    with Client.connect(sock) as client, open(view, "r+b") as f:
+        for keyid in (1, 2):
+            client.program_key(key_program(keyid, KeyCommand.SET_KEY_DIRECT, "aes-xts-128",
+                                           os.urandom(16).hex(), os.urandom(16).hex()))
+        client.map(0, size, 1)
+        mem = mmap.mmap(f.fileno(), size)
+        chunk = os.urandom(MiB)
+        for offset in range(0, size, MiB):
+            mem[offset:offset + MiB] = chunk[offset // MiB % 7:] + chunk[:offset // MiB % 7]
+        start = time.perf_counter()
+        written = client.flush()
+        dirty = time.perf_counter() - start
+        reference = _disk_write_speed(sock.parent, size)
+        line(f"flush {size // MiB} MiB fully dirty ({written} pages)", size / dirty / 1e9, "GB/s",
+             size / reference / 1e9, "disk write+fdatasync")
+        clean = best_of(3, client.flush)
+        line(f"flush {size // MiB} MiB clean", size / clean / 1e9, "GB/s")
+        remap = best_of(2, lambda: (client.map(0, size, 2), client.map(0, size, 1)))
+        fill = max(remap / 2 - clean, 1e-9)
+        line(f"fill {size // MiB} MiB (map time less clean flush)", size / fill / 1e9, "GB/s")
+        maps = best_of(5, lambda: [client.map(0, 2 * MiB, k) for k in (2, 1) * 5])
+        line("map 2 MiB (write back + fill + metadata)", maps / 10 * 1e3, "ms")
+        mem.close()
+    for name, value in _private_memory(proc.pid).items():
+        line(f"backend {name}", value / MiB, "MiB")
+
+
+def _round_trips(sock: Path, quick: bool) -> None:
+    count = 500 if quick else 3000
+    with Client.connect(sock) as client:
+        seconds = best_of(3, lambda: [client.features() for _ in range(count)])
+    line("request round trip (GET_FEATURES)", seconds / count * 1e6, "us")
+    line("requests/s, 1 client", count / seconds, "req/s")
+
+    def worker() -> None:
+        with Client.connect(sock) as c:
+            for _ in range(count // 4):
+                c.features()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    line("requests/s, 4 clients", count / (time.perf_counter() - start), "req/s")
+
+
+def run(quick: bool = False) -> None:
+    size = (64 if quick else 256) * MiB
+    with backend(size) as (proc, sock, view):
+        _throughput(proc, sock, view, size)
+        _round_trips(sock, quick)
