@@ -339,8 +339,11 @@ class MemoryController:
         self.media.read_into(offset, stored)
         new = np.frombuffer(source, np.uint64).reshape(-1, PAGE_SIZE // 8)
         old = np.frombuffer(stored, np.uint64).reshape(-1, PAGE_SIZE // 8)
-        changed = np.flatnonzero((new != old).any(axis=1))
-        return [(offset + int(i) * PAGE_SIZE, memoryview(bytes(new[i]))) for i in changed]
+        changed = np.flatnonzero((new != old).any(axis=1)).tolist()
+        if not changed:
+            return []
+        snapshot = memoryview(bytes(source))  # one copy per chunk: the scratch is reused
+        return [(offset + i * PAGE_SIZE, snapshot[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in changed]
 
     def _commit_pages(self, pages: list[tuple[int, memoryview]]) -> int:
         if pages:

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .config import PAGE_SIZE
-from .persist import JOURNAL_FILE, Journal
+from .persist import IOV_MAX, JOURNAL_FILE, Journal, pwritev_all
 
 MEDIA_FILE = "media"
 LABEL_FILE = "label"
 # Pages per journal batch: bounds the journal file and the memory a batch pins.
 JOURNAL_BATCH_PAGES = 4096
+
+
+def _contiguous_runs(pages: Sequence[tuple[int, memoryview]]) -> Iterator[tuple[int, list[memoryview]]]:
+    """Group (offset, page) pairs into runs of adjacent pages: one syscall per run."""
+    start, run = -1, []
+    for offset, page in pages:
+        assert offset % PAGE_SIZE == 0 and len(page) == PAGE_SIZE
+        if run and offset == start + len(run) * PAGE_SIZE and len(run) < IOV_MAX:
+            run.append(page)
+            continue
+        if run:
+            yield start, run
+        start, run = offset, [page]
+    if run:
+        yield start, run
 
 
 class Media:
@@ -65,9 +80,8 @@ class Media:
         for start in range(0, len(pages), JOURNAL_BATCH_PAGES):
             batch = pages[start:start + JOURNAL_BATCH_PAGES]
             self.journal.record(batch)
-            for offset, page in batch:
-                assert offset % PAGE_SIZE == 0 and len(page) == PAGE_SIZE
-                os.pwrite(self._fd, page, offset)
+            for offset, run in _contiguous_runs(batch):
+                pwritev_all(self._fd, run, offset)
             os.fdatasync(self._fd)
             self.journal.retire()
 

@@ -34,7 +34,7 @@ _MD_MAGIC = b"MKTMEMD1"
 _MD_HEAD = struct.Struct("<8sI")
 _JR_MAGIC = 0x4C4E524A4D544B4D  # "MKTMJRNL"
 _JR_HEAD = struct.Struct("<QQII")  # magic, sequence, page count, crc32
-_IOV_MAX = 512  # below the kernel's UIO_MAXIOV (1024)
+IOV_MAX = 512  # below the kernel's UIO_MAXIOV (1024)
 
 
 @dataclass
@@ -111,7 +111,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> int:
+def pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> int:
     """pwritev that finishes short writes; returns the bytes written."""
     total = sum(len(b) for b in buffers)
     done = os.pwritev(fd, buffers, offset)
@@ -148,9 +148,9 @@ class Journal:
         header = _JR_HEAD.pack(_JR_MAGIC, self._sequence, len(offsets), crc)
         buffers: list[bytes | memoryview] = [header, index, *chunks]
         position = 0
-        for start in range(0, len(buffers), _IOV_MAX):
-            group = buffers[start:start + _IOV_MAX]
-            position += _pwritev_all(self._fd, group, position)
+        for start in range(0, len(buffers), IOV_MAX):
+            group = buffers[start:start + IOV_MAX]
+            position += pwritev_all(self._fd, group, position)
         os.fdatasync(self._fd)
 
     def retire(self) -> None:
