@@ -1,0 +1,169 @@
+"""The VM commands: ``kernel fetch``, ``boot``, ``run``, ``monitor`` (SPEC section 5).
+
+Thin: parse -> :class:`LaunchOptions` / :class:`RunRequest` -> ``mktme_emu.vm``.
+The NVDIMMs come from :data:`BACKEND_FACTORY`; swapping the plain NVDIMM for
+the emulator backend is a one-line change there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mktme_emu.errors import ConfigError
+from mktme_emu.vm.boot import (
+    NS_MODES,
+    LaunchOptions,
+    launch,
+    make_config,
+    plain_backends,
+    run_directory,
+    runtime_root,
+)
+from mktme_emu.vm.kernel import cache_dir, fetch_kernel
+from mktme_emu.vm.launcher import EXIT_BOOT_FAILURE, NvdimmBackend, RunRequest
+from mktme_emu.vm.qemu import format_argv, qemu_argv
+
+from .args import size
+
+#: Builds the NVDIMM backends for boot/run from the options; the caller closes them.
+BackendFactory = Callable[[LaunchOptions, argparse.Namespace], Sequence[NvdimmBackend]]
+BACKEND_FACTORY: BackendFactory = lambda opts, _args: plain_backends(opts)  # noqa: E731
+
+
+def _progress(message: str) -> None:
+    print(f"mktme-emu: {message}", file=sys.stderr, flush=True)
+
+
+def _add_vm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="default", help="qemu-configs/NAME.cfg or a .cfg path")
+    p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
+                   help="auto probes KVM with a short timeout and falls back to TCG")
+    p.add_argument("--memory", type=size, help="guest RAM (default: the profile's)")
+    p.add_argument("--cpus", type=int, help="guest CPUs (default: the profile's)")
+    p.add_argument("--nvdimm-size", type=size, default=256 << 20, help="data area (default 256M)")
+    p.add_argument("--label-size", type=size, default=0, help="NVDIMM label area (0 = none)")
+    p.add_argument("--nvdimms", type=int, default=1, help="how many NVDIMMs (default 1)")
+    p.add_argument("--ns", choices=NS_MODES, help="put every NVDIMM namespace in this mode at boot")
+    p.add_argument("--gdb", action="store_true", help="start a gdbstub on :1234")
+    p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
+                   help="extra QEMU argument (repeat for each word)")
+    p.add_argument("--cache", help="kernel/initramfs cache (default $MKTME_EMU_CACHE or XDG)")
+    p.add_argument("--keep", action="store_true", help="keep the run directory (console.log)")
+    p.add_argument("--dry-run", action="store_true", help="print the QEMU command line and exit")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
+    p.add_argument("--boot-timeout", type=float, default=60.0,
+                   help="seconds until the command starts (default 60)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
+
+
+def launch_options(args: argparse.Namespace) -> LaunchOptions:
+    """The validated, frozen options of boot/run."""
+    return LaunchOptions(
+        profile=args.profile, accel=args.accel, memory=args.memory, cpus=args.cpus,
+        nvdimm_size=args.nvdimm_size, label_size=args.label_size, nvdimm_count=args.nvdimms,
+        ns_mode=args.ns, gdb=args.gdb, extra_args=tuple(args.qemu_arg),
+        cache=Path(args.cache) if args.cache else None, keep=args.keep)
+
+
+def _command(args: argparse.Namespace) -> tuple[str, ...]:
+    words = list(args.command)
+    if words[:1] == ["--"]:
+        words = words[1:]
+    return tuple(words)
+
+
+def _dry_run(opts: LaunchOptions, args: argparse.Namespace, interactive: bool) -> int:
+    backends = BACKEND_FACTORY(opts, args)
+    try:
+        with run_directory(keep=False) as run_dir:
+            cfg = make_config(opts, backends, run_dir, interactive, _progress)
+            print(format_argv(qemu_argv(cfg)))
+    finally:
+        for backend in backends:
+            backend.close()
+    return 0
+
+
+def _launch(args: argparse.Namespace, interactive: bool) -> int:
+    opts = launch_options(args)
+    command = _command(args)
+    if not interactive and not command:
+        raise ConfigError("run needs a command: mktme-emu run [options] -- CMD ...")
+    if args.dry_run:
+        return _dry_run(opts, args, interactive)
+    request = RunRequest(command=command, cwd=os.getcwd(), interactive=interactive,
+                         timeout=args.timeout, boot_timeout=args.boot_timeout)
+    backends = BACKEND_FACTORY(opts, args)
+    try:
+        result = launch(opts, request, backends, _progress)
+    finally:
+        for backend in backends:
+            backend.close()
+    if result.status is None:
+        _progress(result.describe())
+        if result.exit_code == EXIT_BOOT_FAILURE or result.timed_out:
+            tail = result.console_tail.replace("\r\n", "\n")[-2000:]
+            print(f"--- console tail ---\n{tail}\n---", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    """Interactive VM: the guest console on this terminal (Ctrl-A X quits QEMU)."""
+    if not args.dry_run:
+        _progress("console on this terminal; Ctrl-A X quits, Ctrl-A C toggles the HMP monitor")
+    return _launch(args, interactive=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Boot, run CMD, exit with its status (255 panic, 254 boot failure, 253 timeout)."""
+    return _launch(args, interactive=False)
+
+
+def cmd_kernel_fetch(args: argparse.Namespace) -> int:
+    kernel = fetch_kernel(cache_dir(args.cache), package=args.package, force=args.force,
+                          progress=_progress)
+    print(f"{kernel.release} {kernel.vmlinuz}")
+    return 0
+
+
+def _newest_monitor() -> Path:
+    sockets = sorted(runtime_root().glob("vm-*/monitor.sock"), key=lambda p: p.stat().st_mtime)
+    if not sockets:
+        raise ConfigError(f"no running VM found under {runtime_root()} (use --socket)")
+    return sockets[-1]
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """qemu.qmp's qmp-shell on a running VM's monitor socket."""
+    socket = Path(args.socket) if args.socket else _newest_monitor()
+    shell = Path(sys.executable).parent / "qmp-shell"
+    argv = [str(shell)] if shell.exists() else \
+        [sys.executable, "-c", "from qemu.qmp.qmp_shell import main; main()"]
+    return subprocess.run([*argv, str(socket)], check=False).returncode
+
+
+def add_vm_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register kernel/boot/run/monitor on the top-level subparsers."""
+    kernel = subparsers.add_parser("kernel", help="the guest kernel (Debian linux-image)")
+    ksub = kernel.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
+    fetch = ksub.add_parser("fetch", help="download and unpack the guest kernel into the cache")
+    fetch.add_argument("--cache", help="cache directory (default $MKTME_EMU_CACHE or XDG)")
+    fetch.add_argument("--package", help="linux-image package (default: linux-image-amd64's)")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if cached")
+    fetch.set_defaults(func=cmd_kernel_fetch)
+
+    boot = subparsers.add_parser("boot", help="boot a VM with an interactive console")
+    _add_vm_options(boot)
+    boot.set_defaults(func=cmd_boot)
+    run = subparsers.add_parser("run", help="boot, run -- CMD in the guest, exit with its status")
+    _add_vm_options(run)
+    run.set_defaults(func=cmd_run)
+
+    monitor = subparsers.add_parser("monitor", help="QMP shell on a running VM")
+    monitor.add_argument("--socket", help="monitor socket (default: the newest running VM's)")
+    monitor.set_defaults(func=cmd_monitor)

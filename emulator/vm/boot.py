@@ -1,0 +1,152 @@
+"""Options -> a ready VmConfig (kernel, initramfs, accel, run directory) -> a run.
+
+This is the one entry point the CLI and the scenarios need: build
+:class:`LaunchOptions` once, then :func:`launch` with a request and, when the
+NVDIMMs are not plain ones, the backends to use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mktme_emu.errors import ConfigError
+from mktme_emu.vm.initramfs import build_initramfs
+from mktme_emu.vm.kernel import cache_dir, fetch_kernel
+from mktme_emu.vm.launcher import NvdimmBackend, PlainNvdimm, RunRequest, VmResult, run_vm, spec_of
+from mktme_emu.vm.qemu import QEMU, VmConfig, probe_kvm, profile_path
+
+NS_MODES = ("fsdax", "devdax", "raw")
+ACCEL_PROBE_TTL = 24 * 3600.0
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    """Default progress sink."""
+
+
+def runtime_root() -> Path:
+    """Where running VMs keep their sockets (found again by `mktme-emu monitor`)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"mktme-emu-{os.getuid()}"
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """The validated VM options of `boot` and `run` (SPEC section 5)."""
+
+    profile: str = "default"
+    accel: str = "auto"  # auto | kvm | tcg
+    memory: int | None = None
+    cpus: int | None = None
+    nvdimm_size: int = 256 << 20
+    label_size: int = 0
+    nvdimm_count: int = 1
+    ns_mode: str | None = None  # fsdax | devdax | raw: prepare namespaces at boot
+    gdb: bool = False
+    extra_args: tuple[str, ...] = ()
+    cache: Path | None = None
+    keep: bool = False  # leave the run directory (console.log, sockets) behind
+    qemu: str = QEMU
+
+    def __post_init__(self) -> None:
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise ConfigError(f"--accel must be auto, kvm or tcg, not {self.accel!r}")
+        if self.ns_mode is not None and self.ns_mode not in NS_MODES:
+            raise ConfigError(f"namespace mode must be one of {', '.join(NS_MODES)}")
+        if self.nvdimm_count < 0:
+            raise ConfigError("the NVDIMM count cannot be negative")
+
+
+def choose_accel(opts: LaunchOptions, kernel: Path, cache: Path, progress: Progress) -> str:
+    """The accelerator: as asked, or for auto a KVM probe (result cached for a day)."""
+    if opts.accel != "auto":
+        return opts.accel
+    record = cache / "accel-probe.json"
+    key = f"{opts.qemu}|{kernel}|{os.uname().release}"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        data = json.loads(record.read_text())
+        if data["key"] == key and time.time() - data["time"] < ACCEL_PROBE_TTL:
+            progress(f"accel: {data['accel']} (cached probe: {data['reason']})")
+            return str(data["accel"])
+    choice = probe_kvm(kernel, opts.qemu)
+    progress(f"accel: {choice.accel} ({choice.reason})")
+    with contextlib.suppress(OSError):
+        record.write_text(json.dumps({"key": key, "time": time.time(),
+                                      "accel": choice.accel, "reason": choice.reason}))
+    return choice.accel
+
+
+def kernel_params(opts: LaunchOptions, interactive: bool) -> tuple[str, ...]:
+    """Guest kernel parameters init.sh reads (mktme.*)."""
+    params = [f"mktme.path={Path(sys.executable).parent}"]
+    if opts.ns_mode:
+        params.append(f"mktme.ns={opts.ns_mode}")
+    if interactive:
+        size = shutil.get_terminal_size((80, 24))
+        params.append(f"mktme.tty={size.lines}x{size.columns}")
+    return tuple(params)
+
+
+def make_config(opts: LaunchOptions, backends: Sequence[NvdimmBackend], run_dir: Path,
+                interactive: bool, progress: Progress = _quiet) -> VmConfig:
+    """Fetch the kernel if needed, build the initramfs, pick the accel: a VmConfig."""
+    cache = cache_dir(opts.cache)
+    kernel = fetch_kernel(cache, progress=progress)
+    initrd = build_initramfs(kernel, cache)
+    return VmConfig(
+        kernel=kernel.vmlinuz, initrd=initrd, profile=profile_path(opts.profile),
+        accel=choose_accel(opts, kernel.vmlinuz, cache, progress), run_dir=run_dir,
+        nvdimms=tuple(spec_of(b) for b in backends), memory=opts.memory, cpus=opts.cpus,
+        interactive=interactive, gdb=opts.gdb, append=kernel_params(opts, interactive),
+        extra_args=opts.extra_args, qemu=opts.qemu)
+
+
+@contextlib.contextmanager
+def run_directory(keep: bool, progress: Progress = _quiet) -> Iterator[Path]:
+    """A private directory for one VM's sockets and console log."""
+    root = runtime_root()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"vm-{os.getpid()}-", dir=root))
+    try:
+        yield path
+    finally:
+        if keep:
+            progress(f"vm: kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def plain_backends(opts: LaunchOptions) -> list[PlainNvdimm]:
+    """Unencrypted NVDIMMs, for when no emulator backend is given."""
+    return [PlainNvdimm(opts.nvdimm_size, opts.label_size) for _ in range(opts.nvdimm_count)]
+
+
+def launch(opts: LaunchOptions, request: RunRequest,
+           backends: Sequence[NvdimmBackend] | None = None,
+           progress: Progress = _quiet) -> VmResult:
+    """Boot a VM with ``backends`` (default: plain NVDIMMs made and closed here), do ``request``.
+
+    Blocks until the VM is gone.  Backends passed in are not closed: the caller
+    owns them.  Raises ConfigError/VmError for host-side problems.
+    """
+    owned = plain_backends(opts) if backends is None else []
+    try:
+        with run_directory(opts.keep, progress) as run_dir:
+            cfg = make_config(opts, owned or backends or [], run_dir,
+                              request.interactive, progress)
+            if opts.gdb:
+                progress("gdb: gdb vmlinux -ex 'target remote :1234'")
+            progress(f"vm: QMP monitor socket {cfg.monitor_socket}")
+            return run_vm(cfg, owned or backends or [], request)
+    finally:
+        for backend in owned:
+            backend.close()

@@ -1,0 +1,176 @@
+#!/bin/sh
+# mktme-emu guest init (PID 1 of the initramfs; busybox ash).
+#
+# Why it looks like this: the guest has no distribution of its own.  It borrows
+# the host's root filesystem read-only over 9p (so ndctl, mkfs, python3 and the
+# project's venv are the host's), puts tmpfs where writes are needed, and runs
+# one command (or a shell) in a chroot of it.  Everything the host must know
+# travels on the virtio-serial port org.mktme.status, one line per message:
+#   host -> guest:  "boot N" | "cmd BASE64" | "interactive" | "go"
+#   guest -> host:  "hello" | "start" | "exit RC" | "init-error MESSAGE"
+# Kernel parameters read here: mktme.ns=fsdax|devdax|raw (prepare every NVDIMM
+# namespace in that mode), mktme.tty=ROWSxCOLS, mktme.path=DIR (prepended to
+# PATH), mktme.debug=1 (trace this script on the console).
+# A kernel panic is the host's business: pvpanic-pci is loaded first and QEMU
+# reports GUEST_PANICKED over QMP.
+
+export PATH=/bin:/sbin
+NEWROOT=/newroot
+STATUS_PORT=org.mktme.status
+STATUS=
+BOOT=0
+CMD=
+INTERACTIVE=0
+NS_MODE=
+TTY_SIZE=
+EXTRA_PATH=
+
+log() { echo "mktme-init: $*" >/dev/console; }
+
+# Report on the status port when it is open, and always on the console.
+send() { [ -n "$STATUS" ] && echo "$*" >&3; }
+
+finish() {
+    sync
+    poweroff -f
+    sleep 5
+}
+
+fail() {
+    log "error: $*"
+    send "init-error $*"
+    finish
+}
+
+parse_cmdline() {
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in
+            mktme.ns=*) NS_MODE=${arg#mktme.ns=} ;;
+            mktme.tty=*) TTY_SIZE=${arg#mktme.tty=} ;;
+            mktme.path=*) EXTRA_PATH=${arg#mktme.path=} ;;
+            mktme.debug=1) set -x ;;
+        esac
+    done
+}
+
+load_modules() {
+    while read -r mod; do
+        [ -n "$mod" ] || continue
+        insmod "/lib/modules/$mod" 2>/dev/console || fail "insmod $mod failed"
+    done </lib/modules/order
+}
+
+# Without udev nobody names the ports: /dev/vportNpM gets a symlink
+# /dev/virtio-ports/NAME from /sys/class/virtio-ports/vportNpM/name.
+link_ports() {
+    mkdir -p /dev/virtio-ports
+    tries=0
+    while [ ! -e /dev/virtio-ports/$STATUS_PORT ] && [ $tries -lt 100 ]; do
+        for port in /sys/class/virtio-ports/vport*; do
+            [ -r "$port/name" ] || continue
+            name=$(cat "$port/name")
+            dev=/dev/${port##*/}
+            [ -n "$name" ] && [ -e "$dev" ] && ln -sf "$dev" "/dev/virtio-ports/$name"
+        done
+        [ -e /dev/virtio-ports/$STATUS_PORT ] || { usleep 50000; tries=$((tries + 1)); }
+    done
+}
+
+open_status() {
+    [ -e /dev/virtio-ports/$STATUS_PORT ] || fail "virtio-serial port $STATUS_PORT not found"
+    exec 3<>/dev/virtio-ports/$STATUS_PORT || fail "cannot open $STATUS_PORT"
+    STATUS=1
+    send hello
+    while read -r key value <&3; do
+        case "$key" in
+            boot) BOOT=$value ;;
+            cmd) CMD=$value ;;
+            interactive) INTERACTIVE=1 ;;
+            go) return 0 ;;
+        esac
+    done
+    fail "status channel closed before go"
+}
+
+mount_root() {
+    mkdir -p $NEWROOT
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose \
+        hostroot $NEWROOT || fail "cannot mount the host root over 9p"
+    for dir in tmp run var/tmp mnt; do
+        [ -d "$NEWROOT/$dir" ] || continue
+        mount -t tmpfs -o mode=1777 tmpfs "$NEWROOT/$dir" || fail "cannot mount tmpfs on /$dir"
+    done
+    mount --bind /proc $NEWROOT/proc || fail "cannot bind /proc"
+    mount --bind /sys $NEWROOT/sys || fail "cannot bind /sys"
+    mount --bind /dev $NEWROOT/dev || fail "cannot bind /dev"
+    mkdir -p /dev/pts /dev/shm
+    mount -t devpts devpts $NEWROOT/dev/pts
+    mount -t tmpfs -o mode=1777 tmpfs $NEWROOT/dev/shm
+    wrap_power_commands
+}
+
+# The host's reboot/poweroff refuse to act in a chroot (systemctl); put
+# scripts that sync and ask the kernel directly (sysrq b = reset, o = off)
+# in /run/mktme/bin, first in PATH.
+wrap_power_commands() {
+    mkdir -p $NEWROOT/run/mktme/bin
+    for cmd in reboot:b poweroff:o halt:o; do
+        printf '#!/bin/sh\nsync\necho %s >/proc/sysrq-trigger\nsleep 10\n' "${cmd#*:}" \
+            >$NEWROOT/run/mktme/bin/${cmd%:*}
+        chmod 755 $NEWROOT/run/mktme/bin/${cmd%:*}
+    done
+}
+
+# Put every NVDIMM namespace into $NS_MODE (skip those already in it, so a
+# power cycle keeps the filesystem that is on it).
+prepare_namespaces() {
+    [ -n "$NS_MODE" ] || return 0
+    tries=0
+    while ! ls /sys/bus/nd/devices/ 2>/dev/null | grep -q '^namespace'; do
+        [ $tries -lt 100 ] || fail "no NVDIMM namespace appeared for mktme.ns=$NS_MODE"
+        usleep 50000
+        tries=$((tries + 1))
+    done
+    for ns in /sys/bus/nd/devices/namespace*.0; do
+        ns=${ns##*/}
+        if chroot $NEWROOT ndctl list -n "$ns" | grep -q "\"mode\":\"$NS_MODE\""; then
+            continue
+        fi
+        chroot $NEWROOT ndctl create-namespace -f -e "$ns" -m "$NS_MODE" >/dev/null 2>/dev/console \
+            || fail "ndctl create-namespace -e $ns -m $NS_MODE failed"
+    done
+}
+
+run_command() {
+    export HOME=/tmp TERM=${TERM:-linux} MKTME_BOOT=$BOOT
+    export PATH=/run/mktme/bin:${EXTRA_PATH:+$EXTRA_PATH:}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    if [ -n "$TTY_SIZE" ]; then
+        stty rows "${TTY_SIZE%x*}" cols "${TTY_SIZE#*x}" </dev/console 2>/dev/null
+    fi
+    if [ -n "$CMD" ]; then
+        echo "$CMD" | base64 -d >$NEWROOT/tmp/.mktme-cmd || fail "bad command encoding"
+        set -- /bin/sh /tmp/.mktme-cmd
+    else
+        set -- /bin/sh -c 'if [ -x /bin/bash ]; then exec /bin/bash -i; fi; exec /bin/sh -i'
+    fi
+    send start
+    if [ "$INTERACTIVE" = 1 ]; then
+        setsid -c chroot $NEWROOT "$@" </dev/console >/dev/console 2>&1
+    else
+        chroot $NEWROOT "$@" </dev/null >/dev/console 2>&1
+    fi
+    rc=$?
+    send "exit $rc"
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+parse_cmdline
+load_modules
+link_ports
+open_status
+mount_root
+prepare_namespaces
+run_command
+finish

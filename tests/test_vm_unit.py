@@ -1,0 +1,133 @@
+"""Fast tests of the VM layer (no QEMU guest): modules, cpio, argv, CLI dry-run."""
+
+from __future__ import annotations
+
+import gzip
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from mktme_emu.errors import ConfigError, VmError
+from mktme_emu.vm.initramfs import Entry, cpio_newc, init_script
+from mktme_emu.vm.launcher import RunRequest, VmResult, command_script
+from mktme_emu.vm.modules import ModuleInfo, resolve
+from mktme_emu.vm.qemu import NvdimmSpec, VmConfig, parse_size, qemu_argv
+
+DEPS = {"ext4": ("jbd2", "mbcache", "crc16"), "jbd2": (), "mbcache": (), "crc16": (),
+        "nd_pmem": ("libnvdimm", "nd_btt"), "nd_btt": ("libnvdimm",), "libnvdimm": (),
+        "loop_a": ("loop_b",), "loop_b": ("loop_a",), "needs_ghost": ("ghost",)}
+
+
+def fake_loader(path: Path) -> ModuleInfo:
+    return ModuleInfo(path.stem, path, DEPS[path.stem])
+
+
+INDEX = {name: Path(f"/m/{name}.ko") for name in DEPS}
+
+
+def names(wanted: list[str], builtin: frozenset[str] = frozenset()) -> list[str]:
+    return [m.name for m in resolve(wanted, INDEX, builtin, loader=fake_loader)]
+
+
+def test_dependencies_come_first_and_once() -> None:
+    order = names(["nd_pmem", "ext4", "nd_btt"])
+    assert order == ["libnvdimm", "nd_btt", "nd_pmem", "jbd2", "mbcache", "crc16", "ext4"]
+
+
+def test_builtin_dependencies_are_satisfied() -> None:
+    assert names(["ext4"], frozenset({"crc16"})) == ["jbd2", "mbcache", "ext4"]
+
+
+def test_missing_module_is_named() -> None:
+    with pytest.raises(VmError, match=r"ghost not found.*needed by needs_ghost"):
+        names(["needs_ghost"])
+    with pytest.raises(VmError, match="nonexistent"):
+        names(["nonexistent"])
+
+
+def test_cycle_is_an_error() -> None:
+    with pytest.raises(VmError, match="cycle"):
+        names(["loop_a"])
+
+
+def test_cpio_is_newc_and_readable_by_cpio_tool(tmp_path: Path) -> None:
+    archive = cpio_newc([Entry("bin", 0o40755), Entry("bin/hello", 0o100755, b"hi\n"),
+                         Entry("bin/sh", 0o120777, b"hello")])
+    assert archive.startswith(b"070701")
+    listing = subprocess.run(["cpio", "-it"], input=archive, capture_output=True, check=True)
+    assert listing.stdout.split() == [b"bin", b"bin/hello", b"bin/sh"]
+
+
+def test_init_script_parses() -> None:
+    script = init_script()
+    subprocess.run(["busybox", "sh", "-n", "/dev/stdin"], input=script, check=True)
+
+
+def test_parse_size() -> None:
+    assert parse_size("256M") == 256 << 20
+    assert parse_size("128K") == 128 << 10
+    assert parse_size("4096") == 4096
+    with pytest.raises(ConfigError):
+        parse_size("lots")
+
+
+def _config(tmp_path: Path, **kw: object) -> VmConfig:
+    profile = Path(__file__).resolve().parents[1] / "qemu-configs" / "default.cfg"
+    nv = NvdimmSpec(Path("/dev/shm/view with space"), 256 << 20, 128 << 10,
+                    tmp_path / "ctl.sock")
+    base = dict(kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd", profile=profile,
+                accel="tcg", run_dir=tmp_path, nvdimms=(nv,), memory=512 << 20)
+    return VmConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_argv_has_nvdimm_sizes_and_paused_start(tmp_path: Path) -> None:
+    argv = qemu_argv(_config(tmp_path))
+    assert "-S" in argv and argv[0] == "qemu-system-x86_64"
+    total = (256 << 20) + (128 << 10)
+    assert f"size={512 << 20}B,slots=1,maxmem={(512 << 20) + total}B" in argv
+    obj = argv[argv.index("-object") + 1]
+    assert obj == ("memory-backend-file,id=nvmem0,share=on,"
+                   f"mem-path=/dev/shm/view with space,size={total}")
+    assert "nvdimm,id=nvdimm0,memdev=nvmem0,label-size=131072" in argv
+    assert f"socket,id=ctl0,path={tmp_path}/ctl.sock,reconnect=1" in argv
+    assert "virtserialport,bus=vser.0,chardev=ctl0,name=org.mktme.control" in argv
+
+
+def test_argv_rejects_unaligned_nvdimm(tmp_path: Path) -> None:
+    bad = NvdimmSpec(Path("/dev/shm/x"), (256 << 20) + 4096)
+    with pytest.raises(ConfigError, match="2M"):
+        qemu_argv(_config(tmp_path, nvdimms=(bad,)))
+
+
+def test_argv_gdb_uses_profile_chardev(tmp_path: Path) -> None:
+    debug = Path(__file__).resolve().parents[1] / "qemu-configs" / "debug.cfg"
+    argv = qemu_argv(_config(tmp_path, profile=debug, gdb=True))
+    assert argv[argv.index("-gdb") + 1] == "chardev:gdb"
+
+
+def test_command_script_survives_quoting() -> None:
+    script = command_script(["printf", "%s|", "a b", "'q'", "$HOME", ""], cwd="/tmp/x y")
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, cwd="/")
+    assert out.stdout == "a b|'q'|$HOME||"
+    assert shlex.quote("/tmp/x y") in script
+
+
+def test_exit_codes() -> None:
+    assert VmResult(status=3).exit_code == 3
+    assert VmResult(panicked=True, status=0).exit_code == 255
+    assert VmResult().exit_code == 254
+    assert VmResult(started=True, timed_out=True).exit_code == 253
+    assert RunRequest().interactive is False
+
+
+def test_cli_dry_run_prints_quoted_argv(capsys: pytest.CaptureFixture[str]) -> None:
+    from mktme_emu.cli.main import main
+
+    assert main(["boot", "--dry-run", "--accel", "tcg", "--nvdimm-size", "128M"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[0] == "qemu-system-x86_64" and "-S" in argv
+    assert any(a.startswith("memory-backend-file") and a.endswith("size=134217728")
+               for a in argv)
+    with gzip.open(argv[argv.index("-initrd") + 1]) as f:
+        assert f.read(6) == b"070701"
