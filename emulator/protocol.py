@@ -2,8 +2,8 @@
 
 Shared by the host tools and the guest helpers (which reach the backend over a
 virtio-serial port), so it depends on nothing heavier than the key-program
-struct.  The wire format is specified in ``docs/protocol.md``; this module is
-its reference implementation.
+struct (:mod:`mktme_emu.pconfig`, pure Python).  The wire format is specified
+in ``docs/protocol.md``; this module is its reference implementation.
 
 Every message is a 12-byte header followed by ``size`` payload bytes::
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import ErrorCode, ProtocolError, RemoteError
-from .keytable import (
+from .pconfig import (
     STRUCT_SIZE,
     Algorithm,
     KeyCommand,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import MktmeError
-from . import device
+from . import device, vm_commands
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -27,16 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     device.add_commands(commands)
-    _add_optional_commands(commands)
+    _add_vm_commands(commands)
     return parser
 
 
-def _add_optional_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """The VM and scenario commands (they live in their own modules)."""
-    try:  # TEMPORARY until the VM layer lands
-        from . import vm_commands
-    except ImportError:
-        return
+def _add_vm_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The VM commands (kernel, boot, run, monitor) live in their own module."""
     vm_commands.add_vm_commands(commands)
 
 

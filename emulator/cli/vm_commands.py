@@ -1,8 +1,8 @@
 """The VM commands: ``kernel fetch``, ``boot``, ``run``, ``monitor`` (SPEC section 5).
 
 Thin: parse -> :class:`LaunchOptions` / :class:`RunRequest` -> ``mktme_emu.vm``.
-The NVDIMMs come from :data:`BACKEND_FACTORY`; swapping the plain NVDIMM for
-the emulator backend is a one-line change there.
+The NVDIMMs are emulated MKTME ones (``mktme-emu serve`` processes) unless
+``--plain`` asks for QEMU's own.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mktme_emu.errors import ConfigError
@@ -24,15 +23,43 @@ from mktme_emu.vm.boot import (
     run_directory,
     runtime_root,
 )
+from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
 from mktme_emu.vm.kernel import cache_dir, fetch_kernel
 from mktme_emu.vm.launcher import EXIT_BOOT_FAILURE, NvdimmBackend, RunRequest
 from mktme_emu.vm.qemu import format_argv, qemu_argv
 
 from .args import size
 
-#: Builds the NVDIMM backends for boot/run from the options; the caller closes them.
-BackendFactory = Callable[[LaunchOptions, argparse.Namespace], Sequence[NvdimmBackend]]
-BACKEND_FACTORY: BackendFactory = lambda opts, _args: plain_backends(opts)  # noqa: E731
+
+def nvdimm_backends(opts: LaunchOptions, args: argparse.Namespace) -> list[NvdimmBackend]:
+    """The NVDIMMs of boot/run: emulated MKTME ones (default), or plain ones with --plain.
+
+    The caller closes them.  With several NVDIMMs and --state-dir, each gets
+    a subdirectory ``nvdimmN``.
+    """
+    if args.plain:
+        return list(plain_backends(opts))
+    backends: list[NvdimmBackend] = []
+    try:
+        for index in range(opts.nvdimm_count):
+            backends.append(EmulatedNvdimm(_emulator_options(args, index), index))
+    except BaseException:
+        for backend in backends:
+            backend.close()
+        raise
+    return backends
+
+
+def _emulator_options(args: argparse.Namespace, index: int) -> EmulatorOptions:
+    state = Path(args.state_dir) if args.state_dir else None
+    if state is not None and args.nvdimms > 1:
+        state = state / f"nvdimm{index}"
+    attach = Path(args.attach) if args.attach and index == 0 else None
+    if args.attach and args.nvdimms > 1:
+        raise ConfigError("--attach serves one NVDIMM; use --nvdimms 1")
+    return EmulatorOptions(state_dir=state, size=args.nvdimm_size, label_size=args.label_size,
+                           tme=args.tme, tweak=args.tweak, unit=args.unit,
+                           keyid_bits=args.keyid_bits, attach_socket=attach, keep=args.keep)
 
 
 def _progress(message: str) -> None:
@@ -58,6 +85,16 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--boot-timeout", type=float, default=60.0,
                    help="seconds until the command starts (default 60)")
+    emu = p.add_argument_group("emulated NVDIMM (mktme-emu serve)")
+    emu.add_argument("--state-dir", help="keep the media here (default: a temporary directory); "
+                     "a second run on it is a power cycle of the same DIMM")
+    emu.add_argument("--attach", metavar="SOCKET", help="use a running backend's control socket")
+    emu.add_argument("--tme", choices=("bypass", "ephemeral", "retained"), help="KeyID 0 policy")
+    emu.add_argument("--tweak", choices=("spa", "dpa", "logical"), help="tweak mode (spa)")
+    emu.add_argument("--unit", type=size, help="XTS data unit in bytes (64)")
+    emu.add_argument("--keyid-bits", type=int, help="KeyID bits (6)")
+    emu.add_argument("--plain", action="store_true",
+                     help="a plain QEMU NVDIMM with no emulator (the performance reference)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
 
 
@@ -78,7 +115,7 @@ def _command(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _dry_run(opts: LaunchOptions, args: argparse.Namespace, interactive: bool) -> int:
-    backends = BACKEND_FACTORY(opts, args)
+    backends = nvdimm_backends(opts, args)
     try:
         with run_directory(keep=False) as run_dir:
             cfg = make_config(opts, backends, run_dir, interactive, _progress)
@@ -98,7 +135,7 @@ def _launch(args: argparse.Namespace, interactive: bool) -> int:
         return _dry_run(opts, args, interactive)
     request = RunRequest(command=command, cwd=os.getcwd(), interactive=interactive,
                          timeout=args.timeout, boot_timeout=args.boot_timeout)
-    backends = BACKEND_FACTORY(opts, args)
+    backends = nvdimm_backends(opts, args)
     try:
         result = launch(opts, request, backends, _progress)
     finally:

@@ -157,6 +157,9 @@ def qemu_argv(cfg: VmConfig) -> list[str]:
     nv_total = sum(nv.data_size + nv.label_size for nv in cfg.nvdimms)
     argv = [cfg.qemu, "-no-user-config", "-nodefaults", "-display", "none",
             "-readconfig", str(cfg.profile), "-accel", cfg.accel, "-S",
+            # The guest runs the host's Python, numpy and OpenSSL over 9p: it
+            # needs the instruction sets they were built for (x86-64-v2 and up).
+            "-cpu", "host" if cfg.accel == "kvm" else "max",
             "-m", f"size={ram}B,slots={max(1, len(cfg.nvdimms))},maxmem={ram + nv_total}B"]
     if cfg.cpus:
         argv += ["-smp", str(cfg.cpus)]
