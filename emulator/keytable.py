@@ -216,24 +216,32 @@ def _random_xts_key(random: RandomSource, size: int) -> XtsKey:
 
 
 def _load_or_create_retained_key(path: Path, random: RandomSource) -> XtsKey:
-    """The "save key for standby" platform key: created once, mode 0600."""
+    """The "save key for standby" platform key: created once, atomically, mode 0600.
+
+    A file of any other size (say, empty after a crash mid-creation under an
+    older layout) or with equal halves is refused: silently making a new key
+    would turn every retained page into garbage.
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raw = b""
-    if len(raw) == 32:
-        return XtsKey(raw)
-    if raw:
-        raise ConfigError(f"{path}: damaged TME platform key file ({len(raw)} bytes)")
+        return XtsKey(_create_retained_key(path, random))
+    if len(raw) != 32 or raw[:16] == raw[16:]:
+        raise ConfigError(f"{path}: damaged TME platform key file ({len(raw)} bytes); "
+                          "move it away to start with a new key (retained data is then lost)")
+    return XtsKey(raw)
+
+
+def _create_retained_key(path: Path, random: RandomSource) -> bytearray:
     key_bytes = bytearray(32)
     while key_bytes[:16] == key_bytes[16:]:
         key_bytes[:] = random(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, key_bytes)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return XtsKey(key_bytes)
-
-
+    os.replace(tmp, path)
+    return key_bytes

@@ -115,7 +115,8 @@ def parse_key_options(keyid: int, options: str) -> KeyProgram:
     for token in options.split():
         name, sep, value = token.partition("=")
         if not sep or not value:
-            raise KeyProgramError(f"key option {name!r} is not of the form name=value")
+            where = repr(name) if sep else f"#{len(fields) + 1}"  # no '=': the token may be a key
+            raise KeyProgramError(f"key option {where} is not of the form name=value")
         if name not in ("type", "algorithm", "key", "tweak"):
             raise KeyProgramError(f"unknown key option {name!r} (type, algorithm, key, tweak)")
         if name in fields:

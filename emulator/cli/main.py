@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import MktmeError
@@ -19,8 +20,15 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (SPEC 5: one clear line on stderr), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="mktme-emu",
         description="Emulate Intel TME-MK (MKTME) memory encryption on a QEMU NVDIMM.")
     parser.add_argument("--version", action="version", version=f"mktme-emu {__version__}")
