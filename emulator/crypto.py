@@ -224,7 +224,7 @@ class XtsEngine:
         # A carry out of the low half happened where the sum wrapped around.
         np.less(lo_col, np.uint64(base_lo), out=hi_col, casting="unsafe")
         np.add(hi_col, np.uint64(base_hi), out=hi_col)
-        key.contexts().tweak_enc.update_into(memoryview(tin).cast("B"), b.tweak_out)
+        key.contexts().tweak_enc.update_into(tin.data.cast("B"), b.tweak_out)
         first = np.frombuffer(b.tweak_out, dtype=np.uint64, count=2 * n).reshape(n, 2)
         blocks = self.unit // BLOCK
         lo, hi = b.lo[:, :n], b.hi[:, :n]

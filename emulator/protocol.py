@@ -196,7 +196,9 @@ class SocketTransport:
         self.sock.sendall(data)
 
     def recv_exact(self, size: int) -> tuple[bytes, list[int]]:
-        chunks, fds, got = [], [], 0
+        chunks: list[bytes] = []
+        fds: list[int] = []
+        got = 0
         while got < size:
             data, ancillary, _, _ = self.sock.recvmsg(size - got, socket.CMSG_SPACE(4 * 4))
             if not data:

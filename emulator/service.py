@@ -196,11 +196,17 @@ class Backend:
             await writer.drain()
             return
         await writer.drain()
-        sock = writer.get_extra_info("socket")
+        # asyncio's TransportSocket has no sendmsg(): send on a duplicate of
+        # the connection's descriptor (drained, so the short reply fits).
+        sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
         try:
-            sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            sent = sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
         finally:
+            sock.close()
             os.close(fd)
+        if sent < len(reply):
+            writer.write(reply[sent:])
+            await writer.drain()
 
     # -- the requests ---------------------------------------------------------------
 

@@ -17,7 +17,7 @@ JOURNAL_BATCH_PAGES = 4096
 
 def _contiguous_runs(pages: Sequence[tuple[int, memoryview]]) -> Iterator[tuple[int, list[memoryview]]]:
     """Group (offset, page) pairs into runs of adjacent pages: one syscall per run."""
-    start, run = -1, []
+    start, run = -1, list[memoryview]()
     for offset, page in pages:
         assert offset % PAGE_SIZE == 0 and len(page) == PAGE_SIZE
         if run and offset == start + len(run) * PAGE_SIZE and len(run) < IOV_MAX:

@@ -19,7 +19,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +111,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> int:
+def pwritev_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
     """pwritev that finishes short writes; returns the bytes written."""
     total = sum(len(b) for b in buffers)
     done = os.pwritev(fd, buffers, offset)
