@@ -1,0 +1,85 @@
+"""A real guest on the emulated MKTME NVDIMM: base from QMP, guest channel, reboot = power cycle."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from mktme_emu.protocol import Client
+from mktme_emu.vm.boot import LaunchOptions, launch
+from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
+from mktme_emu.vm.kernel import cache_dir, load_kernel
+from mktme_emu.vm.launcher import RunRequest
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(load_kernel(cache_dir()) is None,
+                       reason="no guest kernel: run `mktme-emu kernel fetch`"),
+]
+
+KEY, TWEAK = bytes(range(16)), bytes(range(16, 32))
+SECRET = b"mktme-emu secret page\n" * 186  # 4092 bytes, padded to a page below
+PAGE = SECRET.ljust(4096, b"\n")
+
+# Boot 0 programs KeyID 1, maps page 0 with it, writes the page through the
+# pmem driver (straight into the view), and reboots (QMP RESET). Boot 1 reads
+# page 0 back under KeyID 0: the key died with the power cycle, so it must see
+# the raw ciphertext, not the secret.
+GUEST = f"""
+import mmap, os, sys
+from mktme_emu.protocol import Client, FileTransport, KeyCommand, KeyStatus, key_program
+port = os.open("/dev/virtio-ports/org.mktme.control", os.O_RDWR)
+client = Client(FileTransport(port))
+page = {PAGE!r}
+if os.environ["MKTME_BOOT"] == "0":
+    status = client.program_key(key_program(1, KeyCommand.SET_KEY_DIRECT, "aes-xts-128",
+                                            {KEY.hex()!r}, {TWEAK.hex()!r}))
+    assert status is KeyStatus.PROG_SUCCESS, status
+    client.map(0, 4096, 1)
+    fd = os.open("/dev/pmem0", os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+    buf.write(page)
+    os.pwritev(fd, [buf], 0)
+    os.close(fd)
+    assert client.flush(0, 4096) == 1
+    print("BOOT0 base", hex(client.config()["base"]), flush=True)
+    os.execvp("reboot", ["reboot"])
+fd = os.open("/dev/pmem0", os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)
+os.preadv(fd, [buf], 0)
+print("BOOT1 secret-visible", bytes(buf) == page, flush=True)
+sys.exit(0 if bytes(buf) != page else 9)
+"""
+
+
+def _xts(data: bytes, tweak: int) -> bytes:
+    out = b""
+    for unit in range(0, len(data), 64):
+        enc = Cipher(algorithms.AES(KEY + TWEAK), modes.XTS((tweak + unit).to_bytes(16, "little")))
+        out += enc.encryptor().update(data[unit:unit + 64])
+    return out
+
+
+def test_reboot_power_cycles_the_emulated_nvdimm(tmp_path: Path,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    backend = EmulatedNvdimm(EmulatorOptions(state_dir=tmp_path / "state", size=128 << 20))
+    try:
+        result = launch(LaunchOptions(nvdimm_size=128 << 20),
+                        RunRequest(command=(sys.executable, "-c", GUEST), timeout=180), [backend])
+        with Client.connect(backend.control_socket) as client:
+            stats, config = client.stats(), client.config()
+    finally:
+        backend.close()
+    out = capfd.readouterr().out
+    assert result.exit_code == 0, out[-2000:]
+    assert result.boots == 2
+    base = result.bases[0]
+    assert config["base"] == base and f"BOOT0 base {base:#x}" in out
+    assert "BOOT1 secret-visible False" in out
+    assert stats["power_cycles"] >= 2  # the reboot's RESET and the final SHUTDOWN
+    media = (tmp_path / "state" / "media").read_bytes()[:4096]
+    assert media == _xts(PAGE, base)  # spa tweak: the page's physical address
+    assert not os.path.exists(backend.view_path)  # the view is removed at close
