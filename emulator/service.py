@@ -126,6 +126,11 @@ class Backend:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # Shutdown with the client still connected.  Returning (rather than
+            # re-raising) spares the log Python 3.11's "Exception in callback
+            # StreamReaderProtocol...: CancelledError" traceback.
+            return
         finally:
             writer.close()
 
@@ -152,6 +157,11 @@ class Backend:
             result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._run, req, payload, role)
         except _Refused as exc:
+            if request in p.ACK_ONLY and not flags & (p.FLAG_NEED_REPLY | p.FLAG_REPLY):
+                # No reply was asked for: an unrequested error would desynchronise the client.
+                log.warning("%s client: request %d refused without a reply (%s)",
+                            role.name.lower(), request, exc)
+                return None, None
             return p.error_reply(request, exc.code, str(exc)), None
         body, fd = result if isinstance(result, tuple) else (result, None)
         if req in p.ACK_ONLY and not flags & p.FLAG_NEED_REPLY:

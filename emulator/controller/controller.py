@@ -361,18 +361,23 @@ class MemoryController:
             self._commit_pages(pages)
 
     def _keyed_copy(self, src: int, dst: int, count: int) -> None:
-        """Decrypt at src, encrypt at dst, page by page; KeyID and tweak travel along."""
-        for page in range(count):
-            s, d = src + page, dst + page
-            keyid = int(self.page_keyid[s])
-            key = self.keys.cipher(keyid)
-            data = bytearray(PAGE_SIZE)
-            self.media.read_into(s * PAGE_SIZE, memoryview(data))
-            self.page_keyid[d], self.page_tweak[d] = keyid, self.page_tweak[s]
-            if key is not None:
-                self._pool.decrypt_into(key, data, data, self._tweak_base(s))
-                self._pool.encrypt_into(key, data, data, self._tweak_base(d))
-            self._commit_pages([(d * PAGE_SIZE, memoryview(data))])
+        """Decrypt at src, encrypt at dst, run by run; KeyID and tweak travel along."""
+        for done in range(0, count, CHUNK_PAGES):
+            n = min(CHUNK_PAGES, count - done)
+            s0, d0 = src + done, dst + done
+            data = memoryview(bytearray(n * PAGE_SIZE))
+            self.media.read_into(s0 * PAGE_SIZE, data)
+            self.page_keyid[d0:d0 + n] = self.page_keyid[s0:s0 + n]
+            self.page_tweak[d0:d0 + n] = self.page_tweak[s0:s0 + n]
+            for run_start, run_end, keyid in self._runs(s0, s0 + n):
+                key = self.keys.cipher(keyid)
+                if key is None:
+                    continue
+                piece = data[(run_start - s0) * PAGE_SIZE:(run_end - s0) * PAGE_SIZE]
+                self._pool.decrypt_into(key, piece, piece, self._tweak_base(run_start))
+                self._pool.encrypt_into(key, piece, piece, self._tweak_base(run_start - s0 + d0))
+            self._commit_pages([((d0 + i) * PAGE_SIZE, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                                for i in range(n)])
 
     def _page_info(self, page: int) -> PageInfo:
         offset = page * PAGE_SIZE
