@@ -1,0 +1,330 @@
+"""``mktme-guest``: the in-guest command line (issue 5; runs inside the VM as root).
+
+Physical addresses here are guest physical addresses (what the guest sees in
+/proc/iomem, pagemap, sysfs); the backend's data-area offsets are derived
+with the NVDIMM base from GET_CONFIG.  Only :func:`main` turns an exception
+into a one-line message on stderr and an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from mktme_emu.protocol import (
+    INSPECT_MAX_PAGES,
+    Client,
+    KeyCommand,
+    KeyStatus,
+    key_program,
+    parse_key_options,
+)
+
+from . import channel, dax, phases, physaddr, system
+from .argtypes import integer, size
+from .errors import KeyRefused, MktmeError, UsageError
+from .physaddr import PAGE_SIZE, Extent
+
+EXIT_ERROR = 1
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    return channel.connect(args.channel, args.timeout)
+
+
+def _print_extents(extents: list[Extent], base: int | None, as_json: bool, **extra: object) -> None:
+    """Extents as a table (PA, data-area offset when known, length) or as JSON."""
+    rows = [{**e.as_dict(), **({"offset": e.pa - base} if base is not None else {})} for e in extents]
+    if as_json:
+        print(json.dumps({**extra, "extents": rows}, indent=2))
+        return
+    print(f"{'pa':>14} {'offset':>12} {'length':>10} {'logical':>10}")
+    for r in rows:
+        offset = f"{r['offset']:#x}" if "offset" in r else "-"
+        print(f"{r['pa']:#14x} {offset:>12} {r['length']:#10x} {r['logical']:#10x}")
+
+
+# -- status ------------------------------------------------------------------------------------
+
+def _status(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        info: dict[str, object] = {**client.features(), **client.config()}
+    info.pop("view", None)  # the guest role never learns the host's view path
+    info["devices"] = system.nvdimm_devices()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for name, value in info.items():
+        shown = hex(value) if name in ("base", "size") and isinstance(value, int) else value
+        print(f"{name:16} {shown}")
+    return 0
+
+
+# -- key / namespace-key ---------------------------------------------------------------------------
+
+def _add_key_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--keyid", required=True, type=integer)
+    what = cmd.add_mutually_exclusive_group(required=True)
+    what.add_argument("--user", metavar="KEYHEX:TWEAKHEX", help="SET_KEY_DIRECT with these keys")
+    what.add_argument("--random", action="store_true", help="SET_KEY_RANDOM (the key never leaves)")
+    what.add_argument("--clear", action="store_true", help="CLEAR_KEY: back to TME behaviour")
+    what.add_argument("--no-encrypt", action="store_true", help="NO_ENCRYPT: the media as it is")
+    what.add_argument("--options", help='Linux key-service form: "type=user algorithm=aes-xts-128 '
+                      'key=HEX tweak=HEX" (type: user, cpu, clear, no-encrypt)')
+    cmd.add_argument("--alg", default="aes-xts-128", choices=["aes-xts-128", "aes-xts-256"])
+
+
+def _program(args: argparse.Namespace, client: Client) -> KeyStatus:
+    """Build the struct from the options and program it; the PCONFIG status."""
+    if args.options is not None:
+        prog = parse_key_options(args.keyid, args.options)
+    elif args.user is not None:
+        key_hex, sep, tweak_hex = args.user.partition(":")
+        if not sep:
+            raise UsageError("--user takes KEYHEX:TWEAKHEX")
+        prog = key_program(args.keyid, KeyCommand.SET_KEY_DIRECT, args.alg, key_hex, tweak_hex)
+    else:
+        command = (KeyCommand.SET_KEY_RANDOM if args.random
+                   else KeyCommand.CLEAR_KEY if args.clear else KeyCommand.NO_ENCRYPT)
+        prog = key_program(args.keyid, command, args.alg)
+    return client.program_key(prog)
+
+
+def _key(args: argparse.Namespace) -> int:
+    """Print the status (scripts read it); KeyRefused (exit 1) unless PROG_SUCCESS."""
+    with _connect(args) as client:
+        status = _program(args, client)
+    print(status.name)
+    if status is not KeyStatus.PROG_SUCCESS:
+        raise KeyRefused(args.keyid, status)
+    return 0
+
+
+def _namespace_key(args: argparse.Namespace) -> int:
+    device = args.device or system.default_device()
+    with _connect(args) as client:
+        status = _program(args, client)
+        if status is not KeyStatus.PROG_SUCCESS:
+            raise KeyRefused(args.keyid, status)
+        extents = dax.map_namespace(device, args.keyid, client=client)
+        base = dax.DataArea.of(client).base
+    system.drop_caches(device)
+    _print_extents(extents, base, args.json, device=device, keyid=args.keyid)
+    return 0
+
+
+# -- map / flush / relocate / inspect ------------------------------------------------------------
+
+def _add_where(cmd: argparse.ArgumentParser, verb: str, required: bool) -> None:
+    """--pa A --length L | --file PATH | --device /dev/daxX.Y --offset O --length L."""
+    where = cmd.add_mutually_exclusive_group(required=required)
+    where.add_argument("--pa", type=size, help=f"{verb} the guest physical range PA..PA+LENGTH")
+    where.add_argument("--file", help=f"{verb} every block of a file on a DAX filesystem (FIEMAP)")
+    where.add_argument("--device", help=f"{verb} OFFSET..OFFSET+LENGTH of a devdax device")
+    cmd.add_argument("--offset", type=size, default=0, help="byte offset in --device or --file")
+    cmd.add_argument("--length", type=size, help="bytes (whole 4 KiB pages for map; "
+                     "default for --file: to its end)")
+
+
+def _where(args: argparse.Namespace) -> list[Extent]:
+    """The physical extents the --pa/--file/--device options name (round_tail for files)."""
+    if args.file is not None:
+        found = physaddr.file_extents(args.file, start=args.offset, length=args.length)
+        return dax.page_extents(found, round_tail=True, hint=dax.FILE_HINT)
+    if args.length is None:
+        raise UsageError("--length is required with --pa and --device")
+    if args.device is not None:
+        return physaddr.dax_extents(args.device, args.offset, args.length)
+    return [Extent(args.pa, args.length)]
+
+
+def _map(args: argparse.Namespace) -> int:
+    extents = _where(args)
+    with _connect(args) as client:
+        dax.map_extents(client, extents, args.keyid, args.logical_tweak)
+        base = dax.DataArea.of(client).base
+    if args.json or args.verbose:
+        _print_extents(extents, base, args.json, keyid=args.keyid)
+    return 0
+
+
+def _flush(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        if args.pa is None and args.file is None and args.device is None:
+            written = client.flush()
+        else:
+            written = dax.flush_extents(client, _where(args))
+    print(f"{written} pages written back")
+    return 0
+
+
+def _relocate(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        area = dax.DataArea.of(client)
+        src = area.offset(Extent(args.src_pa, args.length))
+        dst = area.offset(Extent(args.dst_pa, args.length))
+        client.relocate(src, dst, args.length, args.mode)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        area = dax.DataArea.of(client)
+        offset = args.offset if args.offset is not None else area.offset(Extent(args.pa, 1))
+        start = offset - offset % PAGE_SIZE
+        count = max(1, -(-(offset + args.length - start) // PAGE_SIZE))
+        records = client.inspect(start, min(count, INSPECT_MAX_PAGES))
+    if args.json:
+        print(json.dumps([{**r.as_dict(), "pa": area.base + r.offset} for r in records], indent=2))
+        return 0
+    print(f"{'pa':>14} {'keyid':>5} {'kind':10} {'state':10} {'view[0:16]':32} media[0:16]")
+    for r in records:
+        state = "locked" if r.locked else ("consistent" if r.consistent else "dirty")
+        print(f"{area.base + r.offset:#14x} {r.keyid:5} {r.kind:10} {state:10} "
+              f"{r.view_head.hex()} {r.media_head.hex()}")
+    return 0
+
+
+# -- resolve -------------------------------------------------------------------------------------
+
+def _resolve(args: argparse.Namespace) -> int:
+    """PA extents of a file (FIEMAP) or devdax range (sysfs), or, with --mmap, by pagemap."""
+    if args.pa is not None:
+        raise UsageError("resolve takes --file or --device")
+    if args.mmap and args.device is not None:
+        if args.length is None:
+            raise UsageError("--length is required with --device")
+        with dax.mmap_device(args.device, args.offset, args.length, sync=False) as m:
+            extents = dax.resolve_range(m.at(args.offset), args.length)
+    elif args.mmap:
+        length = args.length if args.length is not None else os.stat(args.file).st_size - args.offset
+        with dax.mmap_dax(args.file, length, args.offset, sync=False) as m:
+            extents = dax.resolve_range(m.mm, length)
+    else:
+        extents = _where(args)
+    base = None
+    if args.offsets:
+        with _connect(args) as client:
+            base = dax.DataArea.of(client).base
+    _print_extents(extents, base, args.json, method="pagemap" if args.mmap else
+                   ("fiemap" if args.file else "sysfs"))
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+def _add_simple_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cmd = commands.add_parser("status", help="the emulated device, as the guest sees it")
+    cmd.add_argument("--json", action="store_true")
+    cmd.set_defaults(func=_status)
+
+    cmd = commands.add_parser("key", help="program a KeyID (PCONFIG MKTME_KEY_PROGRAM)",
+                              description="Prints the PCONFIG status; exits 1 unless PROG_SUCCESS. "
+                                          "Keys are never echoed.")
+    _add_key_options(cmd)
+    cmd.set_defaults(func=_key)
+
+    cmd = commands.add_parser(
+        "namespace-key", help="one key per namespace: program a KeyID, map the whole namespace",
+        description="Program the key, then map everything the namespace's device exposes "
+                    "(/dev/pmemN or /dev/daxX.Y; not its info block or memmap) with the KeyID, "
+                    "and drop the block device's cache. Before mkfs/mount.")
+    _add_key_options(cmd)
+    cmd.add_argument("--device", help="/dev/pmemN or /dev/daxX.Y (default: the only one)")
+    cmd.add_argument("--json", action="store_true")
+    cmd.set_defaults(func=_namespace_key)
+
+    cmd = commands.add_parser("relocate", help="move data on the media (raw or keyed)")
+    cmd.add_argument("--src-pa", required=True, type=size)
+    cmd.add_argument("--dst-pa", required=True, type=size)
+    cmd.add_argument("--length", required=True, type=size)
+    cmd.add_argument("--mode", required=True, choices=("raw", "keyed"))
+    cmd.set_defaults(func=_relocate)
+
+    cmd = commands.add_parser("inspect", help="pages side by side: KeyID, view, media, consistency")
+    where = cmd.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pa", type=size, help="guest physical address")
+    where.add_argument("--offset", type=size, help="data-area offset")
+    cmd.add_argument("--length", type=size, default=PAGE_SIZE)
+    cmd.add_argument("--json", action="store_true")
+    cmd.set_defaults(func=_inspect)
+
+
+def _add_range_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cmd = commands.add_parser("map", help="give whole pages a KeyID (emulated encrypt_mprotect)",
+                              description="Map a physical range, a DAX file's blocks, or a devdax "
+                                          "range with a KeyID. What they held reads as garbage "
+                                          "through the new KeyID: write them afterwards.")
+    _add_where(cmd, "map", required=True)
+    cmd.add_argument("--keyid", required=True, type=integer)
+    cmd.add_argument("--logical-tweak", type=integer, help="page tweak of the first page")
+    cmd.add_argument("--json", action="store_true", help="print the mapped extents as JSON")
+    cmd.set_defaults(func=_map)
+
+    cmd = commands.add_parser("flush", help="write back what changed; durable on return",
+                              description="Without a range: the whole device.")
+    _add_where(cmd, "flush", required=False)
+    cmd.set_defaults(func=_flush)
+
+    cmd = commands.add_parser("resolve", help="physical extents of a file or a devdax range",
+                              description="FIEMAP + sysfs for a file, sysfs for a devdax range; "
+                                          "with --mmap, mmap it and read /proc/self/pagemap "
+                                          "instead (faults pages in by reading: a hole shows "
+                                          "the zero page).")
+    _add_where(cmd, "resolve", required=True)
+    cmd.add_argument("--mmap", action="store_true", help="resolve through an mmap and pagemap")
+    cmd.add_argument("--offsets", action="store_true", help="add data-area offsets (asks the backend)")
+    cmd.add_argument("--json", action="store_true")
+    cmd.set_defaults(func=_resolve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: global options, the commands, ``phase NAME``."""
+    parser = argparse.ArgumentParser(
+        prog="mktme-guest",
+        description="Inside an mktme-emu VM: program MKTME keys, map DAX memory with KeyIDs, "
+                    "flush, relocate, inspect, and run the guest phases of the scenarios.")
+    parser.add_argument("--channel", help="control port device or unix:SOCKET (default: "
+                        f"${channel.ENV_CHANNEL}, else the port {channel.PORT_NAME})")
+    parser.add_argument("--timeout", type=float, help="seconds to wait for the backend "
+                        f"(default ${channel.ENV_TIMEOUT} or {channel.DEFAULT_TIMEOUT:g})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="say more on stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_simple_commands(commands)
+    _add_range_commands(commands)
+    phases.add_parser(commands)
+    return parser
+
+
+def _run_phase(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        return phases.run(args, client)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the only place an error becomes a message (one line) and a status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="mktme-guest: %(message)s", stream=sys.stderr)
+    func = _run_phase if args.command == "phase" else args.func
+    try:
+        return int(func(args))
+    except MktmeError as exc:
+        print(f"mktme-guest: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"mktme-guest: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
