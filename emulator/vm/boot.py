@@ -85,9 +85,24 @@ def choose_accel(opts: LaunchOptions, kernel: Path, cache: Path, progress: Progr
     return choice.accel
 
 
+def _project_dirs() -> list[str]:
+    """Host directories the guest must see even where it mounts tmpfs (/tmp...).
+
+    The venv and the source tree of the editable install, and the working
+    directory the command runs in.
+    """
+    import mktme_emu
+    dirs = {str(Path(sys.prefix)), str(Path(mktme_emu.__file__).resolve().parent.parent),
+            os.getcwd()}
+    return sorted(dirs)
+
+
 def kernel_params(opts: LaunchOptions, interactive: bool) -> tuple[str, ...]:
     """Guest kernel parameters init.sh reads (mktme.*)."""
     params = [f"mktme.path={Path(sys.executable).parent}"]
+    keep = [d for d in _project_dirs() if "," not in d and not any(c.isspace() for c in d)]
+    if keep:
+        params.append("mktme.keep=" + ",".join(keep))
     if opts.ns_mode:
         params.append(f"mktme.ns={opts.ns_mode}")
     if interactive:

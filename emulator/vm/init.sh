@@ -48,6 +48,7 @@ parse_cmdline() {
             mktme.ns=*) NS_MODE=${arg#mktme.ns=} ;;
             mktme.tty=*) TTY_SIZE=${arg#mktme.tty=} ;;
             mktme.path=*) EXTRA_PATH=${arg#mktme.path=} ;;
+            mktme.keep=*) KEEP_DIRS=$(echo "${arg#mktme.keep=}" | tr , ' ') ;;
             mktme.debug=1) set -x ;;
         esac
     done
@@ -96,9 +97,20 @@ mount_root() {
     mkdir -p $NEWROOT
     mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose \
         hostroot $NEWROOT || fail "cannot mount the host root over 9p"
+    mkdir -p /hostview
+    mount --bind $NEWROOT /hostview || fail "cannot bind the host root"
     for dir in tmp run var/tmp mnt; do
         [ -d "$NEWROOT/$dir" ] || continue
         mount -t tmpfs -o mode=1777 tmpfs "$NEWROOT/$dir" || fail "cannot mount tmpfs on /$dir"
+    done
+    # The project (source and venv) may live under one of those, e.g. a CI
+    # clone in /tmp: show the host's copy through the tmpfs.
+    for dir in $KEEP_DIRS; do
+        case "$dir" in /tmp|/run|/var/tmp|/mnt|/) continue ;; esac
+        # Only what the tmpfs hid: a visible directory is left alone.
+        [ -d "/hostview$dir" ] && [ ! -d "$NEWROOT$dir" ] || continue
+        mkdir -p "$NEWROOT$dir" && mount --bind "/hostview$dir" "$NEWROOT$dir" \
+            || fail "cannot show $dir in the guest"
     done
     mount --bind /proc $NEWROOT/proc || fail "cannot bind /proc"
     mount --bind /sys $NEWROOT/sys || fail "cannot bind /sys"
