@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import MktmeError
-from . import device, vm_commands
+from . import device, scenario_commands, vm_commands
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     device.add_commands(commands)
     _add_vm_commands(commands)
+    scenario_commands.add_commands(commands)
     return parser
 
 

@@ -100,6 +100,7 @@ class VmResult:
     boots: int = 0  # how many times init started (1 + guest reboots)
     bases: list[int] = field(default_factory=list)
     console_tail: str = ""
+    output: str = ""  # the whole console output, when the request asked to capture it
 
     @property
     def exit_code(self) -> int:
@@ -145,6 +146,7 @@ class RunRequest:
     timeout: float | None = 300.0  # whole run
     boot_timeout: float = 60.0  # until the command starts
     echo: bool = True  # stream the console to stdout (run mode)
+    capture: bool = False  # keep the whole console output in VmResult.output
 
 
 class _Session:
@@ -154,6 +156,7 @@ class _Session:
         self.cfg, self.backends, self.req = cfg, backends, req
         self.result = VmResult()
         self.tail: deque[bytes] = deque(maxlen=64)
+        self.captured: list[bytes] = []
         self.started = asyncio.Event()
         self.finished = asyncio.Event()
         self.qmp = QMPClient("mktme-emu")
@@ -199,6 +202,8 @@ class _Session:
         pending = b""
         while chunk := await reader.read(4096):
             self.tail.append(chunk)
+            if self.req.capture:
+                self.captured.append(chunk)
             if b"Kernel panic - not syncing" in b"".join(list(self.tail)[-2:]):
                 self.result.panicked = True
                 self.finished.set()
@@ -332,6 +337,7 @@ class _Session:
             if console:
                 console.close()
         self.result.console_tail = b"".join(self.tail).decode(errors="replace")
+        self.result.output = b"".join(self.captured).decode(errors="replace")
         if not self.result.console_tail and self.cfg.console_log.exists():
             self.result.console_tail = self.cfg.console_log.read_text(errors="replace")[-4096:]
         return self.result
