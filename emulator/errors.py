@@ -60,6 +60,10 @@ class ProtocolError(MktmeError):
     """A malformed message on the control socket."""
 
 
+class ReplyTimeout(ProtocolError):
+    """The backend did not answer within the transport's timeout."""
+
+
 class RemoteError(MktmeError):
     """The backend refused a request; ``code`` is its protocol error code."""
 

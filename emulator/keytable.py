@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .crypto import XtsKey
 from .errors import ConfigError, CryptoError, KeyProgramError
+from .fileio import atomic_write
 from .pconfig import (
     KEY_FIELD_SIZE,
     STRUCT_SIZE,
@@ -236,12 +237,5 @@ def _create_retained_key(path: Path, random: RandomSource) -> bytearray:
     key_bytes = bytearray(32)
     while key_bytes[:16] == key_bytes[16:]:
         key_bytes[:] = random(32)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key_bytes)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, key_bytes)
     return key_bytes

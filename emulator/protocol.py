@@ -20,12 +20,14 @@ from __future__ import annotations
 import array
 import enum
 import os
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import ErrorCode, ProtocolError, RemoteError
+from .errors import ErrorCode, ProtocolError, RemoteError, ReplyTimeout
 from .pconfig import (
     STRUCT_SIZE,
     Algorithm,
@@ -215,10 +217,15 @@ class SocketTransport:
 
 
 class FileTransport:
-    """A character device such as a virtio-serial port (no descriptor passing)."""
+    """A character device such as a virtio-serial port (no descriptor passing).
 
-    def __init__(self, fd: int) -> None:
+    With a ``timeout``, a reply that does not arrive in time raises
+    :class:`ReplyTimeout`; without one, reads block.
+    """
+
+    def __init__(self, fd: int, timeout: float | None = None) -> None:
         self.fd = fd
+        self.timeout = timeout
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -226,8 +233,11 @@ class FileTransport:
             view = view[os.write(self.fd, view):]
 
     def recv_exact(self, size: int) -> tuple[bytes, list[int]]:
-        chunks, got = [], 0
+        chunks: list[bytes] = []
+        got = 0
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while got < size:
+            self._wait_readable(deadline)
             data = os.read(self.fd, size - got)
             if not data:
                 raise ProtocolError("the control port closed")
@@ -235,11 +245,26 @@ class FileTransport:
             got += len(data)
         return b"".join(chunks), []
 
+    def _wait_readable(self, deadline: float | None) -> None:
+        if deadline is None:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            raise ReplyTimeout(f"the backend did not answer within {self.timeout:g} s")
+
     def close(self) -> None:
         os.close(self.fd)
 
 
 # -- the client -----------------------------------------------------------------
+
+_MAX_STALE_REPLIES = 64
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
 
 class Client:
     """Blocking client: one request at a time, each waiting for its reply.
@@ -265,23 +290,34 @@ class Client:
         self.close()
 
     def call(self, request: Request, payload: bytes = b"") -> tuple[bytes, list[int]]:
-        """Send a request (with NEED_REPLY) and return the reply body and any fds."""
+        """Send a request (with NEED_REPLY) and return the reply body and any fds.
+
+        A reply to another request is a leftover (on a shared guest port, of a
+        process that died waiting for it): it is discarded and reading goes on.
+        """
         self.transport.send(encode(request, payload, need_reply=True))
-        head, fds = self.transport.recv_exact(HEADER.size)
-        reply_request, flags, size = parse_header(head)
-        body, more = self.transport.recv_exact(size) if size else (b"", [])
-        fds += more
-        if reply_request != request or not flags & FLAG_REPLY or size < 4:
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError(f"unexpected reply {reply_request} to request {request.name}")
+        for _ in range(_MAX_STALE_REPLIES):
+            reply_request, flags, body, fds = self._read_message()
+            if reply_request == request or reply_request == 0 or not flags & FLAG_REPLY:
+                break
+            _close_all(fds)
+        if reply_request != request or not flags & FLAG_REPLY or len(body) < 4:
+            _close_all(fds)
+            detail = body[4:].decode(errors="replace") if reply_request == 0 else ""
+            raise ProtocolError(f"unexpected reply {reply_request} to request {request.name}"
+                                + (f": {detail}" if detail else ""))
         (code,) = U32.unpack_from(body)
         if code != ErrorCode.OK:
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             message = body[4:].decode(errors="replace")
             raise RemoteError(message or ErrorCode(code).name, code)
         return body[4:], fds
+
+    def _read_message(self) -> tuple[int, int, bytes, list[int]]:
+        head, fds = self.transport.recv_exact(HEADER.size)
+        reply_request, flags, size = parse_header(head)
+        body, more = self.transport.recv_exact(size) if size else (b"", [])
+        return reply_request, flags, body, fds + more
 
     def features(self) -> dict[str, int]:
         body, _ = self.call(Request.GET_FEATURES)
@@ -333,8 +369,7 @@ class Client:
         """(descriptor of the view, its size in bytes); the caller closes the fd."""
         body, fds = self.call(Request.GET_VIEW_FD)
         if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             raise ProtocolError(f"GET_VIEW_FD passed {len(fds)} descriptors, expected 1")
         return fds[0], int(U64.unpack_from(body)[0])
 

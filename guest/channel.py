@@ -33,9 +33,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mktme_emu.protocol import Client, Request
+from mktme_emu.errors import ReplyTimeout
+from mktme_emu.protocol import Client, FileTransport, Request
 
-from .errors import ChannelError, ProtocolError
+from .errors import ChannelError
 
 PORT_NAME = "org.mktme.control"
 ENV_CHANNEL = "MKTME_GUEST_CHANNEL"
@@ -82,35 +83,21 @@ def open_port(path: Path, timeout: float = DEFAULT_TIMEOUT) -> int:
         time.sleep(_BUSY_RETRY)
 
 
-class PortTransport:
-    """A character-device transport with read timeouts (no descriptor passing).
+class PortTransport(FileTransport):
+    """The protocol's character-device transport, with a read timeout and draining.
 
-    Satisfies the protocol's ``Transport``; like ``FileTransport`` but a
-    reply that does not arrive within ``timeout`` raises ChannelError.
+    A reply that does not arrive within ``timeout`` raises ChannelError.
     """
 
     def __init__(self, fd: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.fd = fd
-        self.timeout = timeout
-
-    def send(self, data: bytes) -> None:
-        """Write the whole message (one write() for anything the port takes at once)."""
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        super().__init__(fd, timeout)
 
     def recv_exact(self, size: int) -> tuple[bytes, list[int]]:
         """Exactly ``size`` bytes; ChannelError after ``timeout`` s without them."""
-        chunks, got = [], 0
-        deadline = time.monotonic() + self.timeout
-        while got < size:
-            self._wait_readable(deadline)
-            data = os.read(self.fd, size - got)
-            if not data:
-                raise ProtocolError("the control port closed")
-            chunks.append(data)
-            got += len(data)
-        return b"".join(chunks), []
+        try:
+            return super().recv_exact(size)
+        except ReplyTimeout as exc:
+            raise ChannelError(str(exc)) from exc
 
     def drain(self) -> int:
         """Discard bytes already waiting (a reply whose reader died); returns how many."""
@@ -121,14 +108,6 @@ class PortTransport:
                 break
             dropped += len(data)
         return dropped
-
-    def _wait_readable(self, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-            raise ChannelError(f"the backend did not answer within {self.timeout:g} s")
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 @contextlib.contextmanager

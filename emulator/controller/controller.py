@@ -19,10 +19,11 @@ import numpy as np
 
 from ..crypto import XtsKey, XtsPool
 from ..errors import ControllerError, ErrorCode, StateError
+from ..fileio import atomic_write
 from ..keytable import KeyStatus, KeyTable, SlotKind, TmePolicy
 from .config import PAGE_SIZE, ControllerConfig, TweakMode
 from .media import JOURNAL_BATCH_PAGES, Media
-from .persist import Metadata, atomic_write, load_metadata, save_metadata
+from .persist import Metadata, load_metadata, save_metadata
 from .view import View
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StateError
+from ..fileio import atomic_write
 from .config import PAGE_SIZE
 
 METADATA_FILE = "metadata"
@@ -88,27 +89,6 @@ def load_metadata(state_dir: Path) -> Metadata | None:
     except FileNotFoundError:
         return None
     return Metadata.decode(raw, path)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def pwritev_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
