@@ -394,13 +394,13 @@ def spy_engine(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     return _SpyEngine.calls
 
 
-@pytest.mark.parametrize(("unit", "workers", "extra_units"), [(64, 2, 37), (4096, 3, 5), (512, 4, 1)])
+@pytest.mark.parametrize(("unit", "workers", "extra_units"), [(1024, 2, 37), (4096, 3, 5), (2048, 4, 1)])
 def test_pool_large_range_split_across_threads(spy_engine: list[tuple[int, int]], unit: int,
                                                workers: int, extra_units: int) -> None:
     rng = random.Random(f"pool-{unit}-{workers}")
     length = 4 * 1024 * 1024 + extra_units * unit
     assert length > 2 * crypto.PARALLEL_MIN
-    key = random_key(rng, 32 if unit == 64 else 64)
+    key = random_key(rng, 32 if unit == 1024 else 64)
     # The carry (or the 2^128 wrap) lands somewhere in the middle of the range.
     high = MASK64 if workers == 3 else rng.getrandbits(64)
     base = carry_base(rng, unit, (length // unit) * 2 // 3, high)
@@ -421,6 +421,22 @@ def test_pool_large_range_split_across_threads(spy_engine: list[tuple[int, int]]
     assert all(size % unit == 0 for _, size in pieces)
     assert bytes(out) == reference_xts(key, pt, base, unit)
     assert bytes(back) == pt
+
+
+def test_pool_keeps_small_units_on_the_calling_thread(spy_engine: list[tuple[int, int]]) -> None:
+    """Below PARALLEL_MIN_UNIT threads only fight over the GIL: no split, same result."""
+    rng = random.Random("pool-small-units")
+    key = random_key(rng, 32)
+    pt = rng.randbytes(5 * 1024 * 1024)
+    out = bytearray(len(pt))
+    pool = XtsPool(64, workers=2)
+    try:
+        pool.encrypt_into(XtsKey(key), pt, out, 0x1000)
+    finally:
+        pool.close()
+    assert crypto.PARALLEL_MIN_UNIT > 64
+    assert [thread for thread, _ in spy_engine] == [threading.get_ident()]
+    assert bytes(out[:4096]) == reference_xts(key, pt[:4096], 0x1000, 64)
 
 
 def test_pool_small_range_and_single_worker() -> None:
