@@ -83,3 +83,34 @@ def test_reboot_power_cycles_the_emulated_nvdimm(tmp_path: Path,
     media = (tmp_path / "state" / "media").read_bytes()[:4096]
     assert media == _xts(PAGE, base)  # spa tweak: the page's physical address
     assert not os.path.exists(backend.view_path)  # the view is removed at close
+
+
+TWO_PORTS = """
+import os
+from mktme_emu.protocol import Client, FileTransport
+for name in ("org.mktme.control", "org.mktme.control.1"):
+    client = Client(FileTransport(os.open("/dev/virtio-ports/" + name, os.O_RDWR)))
+    config = client.config()
+    print("PORT", name, hex(config["base"]), config["size"], flush=True)
+"""
+
+
+def test_two_emulated_nvdimms_each_with_its_base_and_port(tmp_path: Path,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    backends = [EmulatedNvdimm(EmulatorOptions(state_dir=tmp_path / f"nv{i}", size=size), i)
+                for i, size in enumerate((64 << 20, 32 << 20))]
+    try:
+        result = launch(LaunchOptions(nvdimm_size=64 << 20, nvdimm_count=2),
+                        RunRequest(command=(sys.executable, "-c", TWO_PORTS), timeout=180), backends)
+        seen = []
+        for backend in backends:
+            with Client.connect(backend.control_socket) as client:
+                seen.append(client.config()["base"])
+    finally:
+        for backend in backends:
+            backend.close()
+    out = capfd.readouterr().out
+    assert result.exit_code == 0, out[-2000:]
+    assert seen == result.bases and len(set(seen)) == 2
+    assert f"PORT org.mktme.control {seen[0]:#x} {64 << 20}" in out
+    assert f"PORT org.mktme.control.1 {seen[1]:#x} {32 << 20}" in out
