@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,81 @@ def test_two_emulated_nvdimms_each_with_its_base_and_port(tmp_path: Path,
     assert seen == result.bases and len(set(seen)) == 2
     assert f"PORT org.mktme.control {seen[0]:#x} {64 << 20}" in out
     assert f"PORT org.mktme.control.1 {seen[1]:#x} {32 << 20}" in out
+
+
+# The guest keeps asking through its port while the host kills the backend
+# and starts a new one on the same state: QEMU's chardev reconnects, the new
+# backend re-attaches to the view, reports the user-key pages as locked (the
+# key died with the process), and programming the key again unlocks them.
+RESTART = f"""
+import os, sys, time
+from mktme_emu.errors import MktmeError
+from mktme_emu.protocol import Client, FileTransport, KeyCommand, KeyStatus, key_program
+PORT = "/dev/virtio-ports/org.mktme.control"
+def client():
+    return Client(FileTransport(os.open(PORT, os.O_RDWR), timeout=2))
+def program(c):
+    return c.program_key(key_program(1, KeyCommand.SET_KEY_DIRECT, "aes-xts-128",
+                                     {KEY.hex()!r}, {TWEAK.hex()!r}))
+c = client()
+assert program(c) is KeyStatus.PROG_SUCCESS
+c.map(0, 4096, 1)
+fd = os.open("/dev/pmem0", os.O_RDWR | os.O_SYNC)
+os.pwrite(fd, {PAGE!r}, 0)
+assert c.flush(0, 4096) == 1
+c.transport.close()
+print("GUEST flushed", flush=True)
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        c = client()
+        locked = c.config()["locked_pages"]
+    except (MktmeError, OSError):
+        time.sleep(0.5)
+        continue
+    if locked:
+        break
+    c.transport.close()
+    time.sleep(0.5)
+else:
+    sys.exit(5)
+print("GUEST reattached locked", locked, flush=True)
+assert program(c) is KeyStatus.PROG_SUCCESS
+print("GUEST unlocked", c.config()["locked_pages"], os.pread(fd, 4096, 0) == {PAGE!r}, flush=True)
+"""
+
+
+def test_restarted_backend_is_reattached_without_a_reboot(tmp_path: Path,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    first = EmulatedNvdimm(EmulatorOptions(state_dir=state, size=64 << 20))
+    outcome: dict[str, object] = {}
+
+    def guest() -> None:
+        outcome["result"] = launch(LaunchOptions(nvdimm_size=64 << 20),
+                                   RunRequest(command=(sys.executable, "-c", RESTART), timeout=240),
+                                   [first])
+
+    thread = threading.Thread(target=guest)
+    thread.start()
+    second = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and thread.is_alive():
+            with Client.connect(first.control_socket) as client:
+                if client.stats()["pages_written_back"] >= 1:
+                    break
+            time.sleep(0.2)
+        first.kill()
+        second = EmulatedNvdimm(EmulatorOptions(state_dir=state, size=64 << 20))
+        thread.join(timeout=240)
+    finally:
+        if second is not None:
+            second.close()
+        first.close()
+    out = capfd.readouterr().out
+    result = outcome["result"]
+    assert result.exit_code == 0, out[-2000:]  # type: ignore[attr-defined]
+    assert result.boots == 1  # type: ignore[attr-defined]
+    assert "GUEST reattached locked 1" in out
+    assert "GUEST unlocked 0 True" in out

@@ -109,6 +109,12 @@ class EmulatedNvdimm:
         with self._client() as client:
             client.power_cycle()
 
+    def kill(self) -> None:
+        """SIGKILL the backend we started (crash tests): nothing is written back."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
     def close(self) -> None:
         """Stop a backend we started (it writes back on SIGTERM); leave an attached one."""
         if self._proc is not None and self._proc.poll() is None:
