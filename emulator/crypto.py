@@ -237,8 +237,13 @@ class XtsEngine:
         lo[0], hi[0] = first[:, 0], first[:, 1]
         done = 1
         while done < blocks:
-            self._mul_alpha_pow(lo[:done], hi[:done], done, lo[done:2 * done], hi[done:2 * done])
-            done *= 2
+            # Double the known blocks while a single shift-and-fold can; past
+            # 64 blocks, extend 64 at a time from the previous 64 (x^64 is one
+            # step, x^128 would be two).
+            step = min(done, 64)
+            self._mul_alpha_pow(lo[done - step:done], hi[done - step:done], step,
+                                lo[done:done + step], hi[done:done + step])
+            done += step
         return self._unit_major(lo, hi, n)
 
     def _unit_major(self, lo: np.ndarray, hi: np.ndarray, n: int) -> np.ndarray:
