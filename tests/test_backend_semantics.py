@@ -519,11 +519,14 @@ def test_unaligned_and_out_of_range_requests_are_refused_with_range(backends):
             request()
         assert c.features()["version"] == 1  # the connection stays usable
     assert snapshot(b) == before
-    # Other bad arguments: refused too (INVALID), nothing changed.
-    for request in (lambda: c.map(0, PAGE, 64), lambda: c.map(0, PAGE, 1, (1 << 64) - 1)):
+    # Other bad arguments: refused too (INVALID), nothing changed. Two pages from
+    # page tweak 2^64 - 1 would need tweak 2^64 for the second page.
+    for request in (lambda: c.map(0, PAGE, 64), lambda: c.map(0, 2 * PAGE, 1, (1 << 64) - 1)):
         with remote_error(ErrorCode.INVALID):
             request()
     assert snapshot(b) == before
+    c.map(0, PAGE, 1, (1 << 64) - 1)  # the last 64-bit page tweak itself is valid
+    assert c.inspect(0)[0].logical_tweak == (1 << 64) - 1
 
 
 def test_logical_tweak_outside_logical_mode_is_refused(backends):

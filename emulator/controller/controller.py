@@ -8,6 +8,7 @@ on the CPU; they are not thread-safe, the service serialises them.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -99,22 +100,32 @@ class MemoryController:
             self.page_tweak = np.arange(pages, dtype=np.uint64)
             self.keyid_kind = np.zeros(keyids, np.uint8)
             self.base = self.config.base or 0
-            self._persist()
-            self._fill(0, pages)
             self._restore_label()
+            self._refill([(0, pages)])
             return
         self.page_keyid, self.page_tweak = stored.page_keyid, stored.page_tweak
         self.keyid_kind = stored.keyid_kind
         self.base = int(stored.config["base"])  # type: ignore[call-overload]
         self._recover_keys()
-        if not self.view.reattached:
-            self._fill(0, pages)
+        pending = list(stored.pending_fill)
+        if not self._view_is_current(stored):
             self._restore_label()
-        for start, end in stored.pending_fill:
-            self._fill(start, end)
+            pending = [(0, pages)]
+        # A fill a crash interrupted is marked pending in the metadata; so is
+        # the whole view when it is new, so a crash mid-fill never leaves a
+        # half-filled view that a later start would trust and write back.
+        self._refill(pending)
         if self.config.base is not None and self.config.base != self.base:
             self.set_base(self.config.base)
-        self._persist()
+
+    def _view_is_current(self, stored: Metadata) -> bool:
+        """Is the view file the one this device last served (not new, not another's)?
+
+        A view of the right size is only trusted when it is the very file
+        recorded in the metadata (same device and inode): a stale view left
+        under another path must not be written back over newer media.
+        """
+        return self.view.reattached and stored.config.get("view_inode") == self.view.identity
 
     def _recover_keys(self) -> None:
         """After a restart: which KeyIDs lost their key (SPEC 3, "what a crash may cost")."""
@@ -147,11 +158,13 @@ class MemoryController:
         for start, end in ranges:
             self._write_back(start, end)
         self.media.sync()
+        with self._undo_on_error():
+            self.keyid_kind[keyid] = prepared.kind
+            self._persist(pending=ranges)
         self.keys.commit(prepared)
         self._locked.discard(keyid)
-        self.keyid_kind[keyid] = prepared.kind
         self.stats.key_programs += 1
-        self._refill(ranges)
+        self._finish_fill(ranges)
         return KeyStatus.PROG_SUCCESS
 
     def map_range(self, offset: int, length: int, keyid: int,
@@ -161,14 +174,17 @@ class MemoryController:
         self._check_keyid(keyid)
         if logical_tweak is not None and self.config.tweak is not TweakMode.LOGICAL:
             raise ControllerError("a logical tweak needs the device in logical tweak mode")
-        if logical_tweak is not None and not 0 <= logical_tweak < 2**64 - (end - start):
+        if logical_tweak is not None and not 0 <= logical_tweak <= 2**64 - (end - start):
             raise ControllerError("logical tweak out of range (64-bit page tweak)")
         self._write_back(start, end)
         self.media.sync()
-        self.page_keyid[start:end] = keyid
-        if logical_tweak is not None:
-            self.page_tweak[start:end] = np.arange(end - start, dtype=np.uint64) + np.uint64(logical_tweak)
-        self._refill([(start, end)])
+        with self._undo_on_error():
+            self.page_keyid[start:end] = keyid
+            if logical_tweak is not None:
+                self.page_tweak[start:end] = (np.arange(end - start, dtype=np.uint64)
+                                              + np.uint64(logical_tweak))
+            self._persist(pending=[(start, end)])
+        self._finish_fill([(start, end)])
 
     def flush(self, offset: int = 0, length: int | None = None) -> int:
         """Write back what changed; returns pages written. Durable on return."""
@@ -307,9 +323,24 @@ class MemoryController:
         again; the guest has had no answer yet, so no write is lost.
         """
         self._persist(pending=ranges)
+        self._finish_fill(ranges)
+
+    def _finish_fill(self, ranges: list[tuple[int, int]]) -> None:
+        """Fill ranges already marked pending in the metadata, then clear the mark."""
         for start, end in ranges:
             self._fill(start, end)
         self._persist()
+
+    @contextlib.contextmanager
+    def _undo_on_error(self) -> Iterator[None]:
+        """Restore the per-page and per-KeyID state if the block raises (say, ENOSPC
+        persisting it): a refused request must leave memory as it left the disk."""
+        saved = (self.page_keyid.copy(), self.page_tweak.copy(), self.keyid_kind.copy())
+        try:
+            yield
+        except BaseException:
+            self.page_keyid[:], self.page_tweak[:], self.keyid_kind[:] = saved
+            raise
 
     def _write_back(self, start: int, end: int) -> int:
         """media = encrypt(view) for every page whose media differs; returns pages written.
@@ -410,7 +441,7 @@ class MemoryController:
         c = self.config
         return {"size": c.size, "label_size": c.label_size, "base": self.base, "unit": c.unit,
                 "tweak": c.tweak.value, "keyid_bits": c.keyid_bits, "tme": c.tme.value,
-                "view": str(c.view), "page_size": PAGE_SIZE}
+                "view": str(c.view), "view_inode": self.view.identity, "page_size": PAGE_SIZE}
 
     def _save_label(self) -> None:
         if self.config.label_size and bytes(self.view.label) != self.media.read_label():

@@ -31,6 +31,8 @@ class View:
             self.reattached = existing == total
             if not self.reattached:
                 os.ftruncate(fd, total)
+            info = os.fstat(fd)
+            self.identity = [info.st_dev, info.st_ino]  # which file this is, for re-attaching
             self._map = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.fd = os.dup(fd)
         finally:
