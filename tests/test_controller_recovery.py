@@ -92,3 +92,56 @@ def test_a_stale_view_under_another_path_is_not_trusted(tmp_path: Path) -> None:
     assert bytes(back.view.data[:8]) == b"NEWDATA!"
     back.close()
     assert media(tmp_path)[:8] == b"NEWDATA!"
+
+
+KEYS = {1: ("11" * 16, "22" * 16), 2: ("33" * 16, "44" * 16)}
+
+
+def program(c: MemoryController, keyid: int) -> None:
+    raw = key_program(keyid, KeyCommand.SET_KEY_DIRECT, "aes-xts-128", *KEYS[keyid]).pack()
+    assert c.program_key(raw) == 0
+
+
+@pytest.mark.parametrize("when", ["after-journal-record", "before-second-record"])
+def test_crash_during_keyed_relocation_leaves_old_or_new_pages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    from mktme_emu.controller import RelocateMode
+    from mktme_emu.controller.persist import Journal
+
+    cfg = ControllerConfig(state_dir=tmp_path / "state", size=16 << 20, base=BASE,
+                           view_path=tmp_path / "view")
+    span = 2048 * 4096  # two journal batches of 1024 pages
+    c = MemoryController(cfg)
+    program(c, 1)
+    program(c, 2)
+    c.map_range(0, span, 1)
+    c.map_range(span, span, 2)
+    c.view.data[:span] = b"SRC-DATA" * (span // 8)
+    c.view.data[span:2 * span] = b"DST-OLD!" * (span // 8)
+    c.flush()
+    real_record = Journal.record
+    calls = []
+
+    def record_then_crash(self: Journal, pages, states=None):  # type: ignore[no-untyped-def]
+        calls.append(len(pages))
+        if when == "before-second-record" and len(calls) == 2:
+            raise Crash
+        real_record(self, pages, states)
+        if when == "after-journal-record" and len(calls) == 2:
+            raise Crash  # the record is durable, the media not yet written
+
+    monkeypatch.setattr(Journal, "record", record_then_crash)
+    with pytest.raises(Crash):
+        c.relocate(0, span, span, RelocateMode.KEYED)
+    monkeypatch.undo()
+    again = MemoryController(cfg)
+    program(again, 1)
+    program(again, 2)
+    keyids = again.page_keyid[2048:4096].tolist()
+    for i in range(2048):
+        page = bytes(again.view.data[span + i * 4096:span + (i + 1) * 4096])
+        expected = b"SRC-DATA" if keyids[i] == 1 else b"DST-OLD!"
+        assert page == expected * 512, (i, keyids[i], page[:8])
+    moved = keyids.count(1)
+    assert moved == (2048 if when == "after-journal-record" else 1024)
+    again.close()

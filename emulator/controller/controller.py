@@ -24,7 +24,7 @@ from ..fileio import atomic_write
 from ..keytable import KeyStatus, KeyTable, SlotKind, TmePolicy
 from .config import PAGE_SIZE, ControllerConfig, TweakMode
 from .media import JOURNAL_BATCH_PAGES, Media
-from .persist import Metadata, load_metadata, save_metadata
+from .persist import JournalRecord, Metadata, PageState, load_metadata, save_metadata
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,17 @@ class MemoryController:
         self.stats = Stats()
         self._locked: set[int] = set()
         self.base = 0
-        self._start(stored)
+        self._start(stored, self.media.replay())
 
     # -- start-up ----------------------------------------------------------
 
-    def _start(self, stored: Metadata | None) -> None:
+    def _start(self, stored: Metadata | None, replayed: JournalRecord | None) -> None:
+        """Load or create the state; finish what a crash interrupted; fill the view.
+
+        ``replayed`` is the journal batch a crash interrupted (already back on
+        the media); the page states it carries are applied here, and it is
+        retired once they are persisted.
+        """
         pages, keyids = self.config.pages, self.keys.keyid_count
         if stored is None:
             self.page_keyid = np.zeros(pages, np.uint16)
@@ -102,12 +108,13 @@ class MemoryController:
             self.base = self.config.base or 0
             self._restore_label()
             self._refill([(0, pages)])
+            self.media.journal.retire()
             return
         self.page_keyid, self.page_tweak = stored.page_keyid, stored.page_tweak
         self.keyid_kind = stored.keyid_kind
         self.base = int(stored.config["base"])  # type: ignore[call-overload]
         self._recover_keys()
-        pending = list(stored.pending_fill)
+        pending = list(stored.pending_fill) + self._apply_replayed_states(replayed)
         if not self._view_is_current(stored):
             self._restore_label()
             pending = [(0, pages)]
@@ -115,8 +122,20 @@ class MemoryController:
         # the whole view when it is new, so a crash mid-fill never leaves a
         # half-filled view that a later start would trust and write back.
         self._refill(pending)
+        self.media.journal.retire()
         if self.config.base is not None and self.config.base != self.base:
             self.set_base(self.config.base)
+
+    def _apply_replayed_states(self, replayed: JournalRecord | None) -> list[tuple[int, int]]:
+        """Page states carried by a replayed journal batch; returns the pages to refill."""
+        if replayed is None or replayed.states is None:
+            return []
+        touched = []
+        for (offset, _), state in zip(replayed.pages, replayed.states, strict=True):
+            page = offset // PAGE_SIZE
+            self.page_keyid[page], self.page_tweak[page] = state.keyid, state.tweak
+            touched.append(page)
+        return _ranges(np.asarray(sorted(touched)))
 
     def _view_is_current(self, stored: Metadata) -> bool:
         """Is the view file the one this device last served (not new, not another's)?
@@ -393,23 +412,41 @@ class MemoryController:
             self._commit_pages(pages)
 
     def _keyed_copy(self, src: int, dst: int, count: int) -> None:
-        """Decrypt at src, encrypt at dst, run by run; KeyID and tweak travel along."""
+        """Decrypt at src, encrypt at dst, run by run; KeyID and tweak travel along.
+
+        Each destination page's data and its new KeyID and tweak go into the
+        same journal record, so a crash leaves either the old page with its
+        old KeyID or the new one with the new KeyID, never a mix.
+        """
         for done in range(0, count, CHUNK_PAGES):
             n = min(CHUNK_PAGES, count - done)
             s0, d0 = src + done, dst + done
             data = memoryview(bytearray(n * PAGE_SIZE))
             self.media.read_into(s0 * PAGE_SIZE, data)
-            self.page_keyid[d0:d0 + n] = self.page_keyid[s0:s0 + n]
-            self.page_tweak[d0:d0 + n] = self.page_tweak[s0:s0 + n]
             for run_start, run_end, keyid in self._runs(s0, s0 + n):
                 key = self.keys.cipher(keyid)
                 if key is None:
                     continue
                 piece = data[(run_start - s0) * PAGE_SIZE:(run_end - s0) * PAGE_SIZE]
                 self._pool.decrypt_into(key, piece, piece, self._tweak_base(run_start))
-                self._pool.encrypt_into(key, piece, piece, self._tweak_base(run_start - s0 + d0))
-            self._commit_pages([((d0 + i) * PAGE_SIZE, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
-                                for i in range(n)])
+                self._pool.encrypt_into(key, piece, piece, self._moved_tweak_base(run_start, d0 - s0))
+            states = [PageState(int(self.page_keyid[s0 + i]), int(self.page_tweak[s0 + i]))
+                      for i in range(n)]
+            pages = [((d0 + i) * PAGE_SIZE, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(n)]
+
+            def applied(first: int, end: int, d0: int = d0, s0: int = s0) -> None:
+                self.page_keyid[d0 + first:d0 + end] = self.page_keyid[s0 + first:s0 + end]
+                self.page_tweak[d0 + first:d0 + end] = self.page_tweak[s0 + first:s0 + end]
+                self._persist(pending=[(dst, dst + count)])
+
+            self.media.write_pages(pages, states, applied)
+            self.stats.pages_written_back += n
+
+    def _moved_tweak_base(self, page: int, distance: int) -> int:
+        """Tweak base of src page ``page`` once moved ``distance`` pages (logical: unchanged)."""
+        if self.config.tweak is TweakMode.LOGICAL:
+            return self._tweak_base(page)
+        return self._tweak_base(page + distance)
 
     def _page_info(self, page: int) -> PageInfo:
         offset = page * PAGE_SIZE

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .config import PAGE_SIZE
-from .persist import IOV_MAX, JOURNAL_FILE, Journal, pwritev_all
+from .persist import IOV_MAX, JOURNAL_FILE, Journal, JournalRecord, PageState, pwritev_all
 
 MEDIA_FILE = "media"
 LABEL_FILE = "label"
@@ -51,16 +51,19 @@ class Media:
         if existing == 0:
             os.ftruncate(self._fd, size)
         self.journal = Journal(state_dir / JOURNAL_FILE)
-        self._replay()
 
-    def _replay(self) -> None:
-        """Finish a batch a crash interrupted (it is complete in the journal)."""
-        pages = self.journal.pending()
-        if pages:
-            for offset, page in pages:
+    def replay(self) -> JournalRecord | None:
+        """Finish the batch a crash interrupted, if the journal holds a complete one.
+
+        Returns it so the caller can apply the page states it carries, and
+        then :meth:`Journal.retire` it.  Blocks on fdatasync.
+        """
+        record = self.journal.pending()
+        if record is not None:
+            for offset, page in record.pages:
                 os.pwrite(self._fd, page, offset)
             os.fdatasync(self._fd)
-            self.journal.retire()
+        return record
 
     @property
     def fd(self) -> int:
@@ -75,14 +78,25 @@ class Media:
                 raise OSError(f"short read from media at {offset + done:#x}")
             done += got
 
-    def write_pages(self, pages: Sequence[tuple[int, memoryview]]) -> None:
-        """Write whole pages (offset, 4 KiB) through the journal; not yet durable."""
+    def write_pages(self, pages: Sequence[tuple[int, memoryview]],
+                    states: Sequence[PageState] | None = None,
+                    applied: Callable[[int, int], None] | None = None) -> None:
+        """Write whole pages (offset, 4 KiB) through the journal, batch by batch.
+
+        With ``states`` (one per page), each batch's record carries the
+        pages' new KeyID and tweak, and ``applied(first, end)`` (indices into
+        ``pages``) is called once the batch is on the media, before the record
+        is retired: the caller persists those states there.
+        """
         for start in range(0, len(pages), JOURNAL_BATCH_PAGES):
-            batch = pages[start:start + JOURNAL_BATCH_PAGES]
-            self.journal.record(batch)
+            end = min(start + JOURNAL_BATCH_PAGES, len(pages))
+            batch = pages[start:end]
+            self.journal.record(batch, None if states is None else states[start:end])
             for offset, run in _contiguous_runs(batch):
                 pwritev_all(self._fd, run, offset)
             os.fdatasync(self._fd)
+            if applied is not None:
+                applied(start, end)
             self.journal.retire()
 
     def sync(self) -> None:

@@ -19,7 +19,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,8 @@ JOURNAL_FILE = "journal"
 _MD_MAGIC = b"MKTMEMD1"
 _MD_HEAD = struct.Struct("<8sI")
 _JR_MAGIC = 0x4C4E524A4D544B4D  # "MKTMJRNL"
-_JR_HEAD = struct.Struct("<QQII")  # magic, sequence, page count, crc32
+_JR_HEAD = struct.Struct("<QQIIQ")  # magic, sequence, page count, crc32, flags
+_JR_HAS_STATES = 1  # the record carries each page's new KeyID and tweak
 IOV_MAX = 512  # below the kernel's UIO_MAXIOV (1024)
 
 
@@ -103,8 +104,29 @@ def pwritev_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> 
     return total
 
 
+@dataclass(frozen=True)
+class PageState:
+    """A page's KeyID and logical tweak, carried by a journal record with its data."""
+
+    keyid: int
+    tweak: int
+
+
+@dataclass
+class JournalRecord:
+    """A batch of pages (media offset, data) and, optionally, their new per-page state."""
+
+    pages: list[tuple[int, bytes]]
+    states: list[PageState] | None = None
+
+
 class Journal:
-    """Double-write buffer for media pages. Not thread-safe (the controller serialises)."""
+    """Double-write buffer for media pages. Not thread-safe (the controller serialises).
+
+    A record may carry each page's new KeyID and tweak: a page whose media
+    and KeyID change together (keyed relocation) then changes atomically,
+    since a restart replays both.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -114,43 +136,51 @@ class Journal:
     def close(self) -> None:
         os.close(self._fd)
 
-    def record(self, pages: Iterable[tuple[int, bytes | memoryview]]) -> None:
-        """Make a batch of (media offset, page) durable in the journal. Blocks on fdatasync."""
-        offsets, chunks = [], []
-        for offset, page in pages:
-            offsets.append(offset)
-            chunks.append(page)
-        index = np.asarray(offsets, dtype="<u8").tobytes()
-        crc = zlib.crc32(index)
+    def record(self, pages: Sequence[tuple[int, bytes | memoryview]],
+               states: Sequence[PageState] | None = None) -> None:
+        """Make a batch durable in the journal. Blocks on fdatasync."""
+        index = np.asarray([offset for offset, _ in pages], dtype="<u8").tobytes()
+        meta = b""
+        if states is not None:
+            meta = (np.asarray([s.keyid for s in states], dtype="<u8").tobytes()
+                    + np.asarray([s.tweak for s in states], dtype="<u8").tobytes())
+        chunks = [page for _, page in pages]
+        crc = zlib.crc32(meta, zlib.crc32(index))
         for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
         self._sequence += 1
-        header = _JR_HEAD.pack(_JR_MAGIC, self._sequence, len(offsets), crc)
-        buffers: list[bytes | memoryview] = [header, index, *chunks]
+        flags = _JR_HAS_STATES if states is not None else 0
+        header = _JR_HEAD.pack(_JR_MAGIC, self._sequence, len(pages), crc, flags)
+        buffers: list[bytes | memoryview] = [header, index, meta, *chunks]
         position = 0
         for start in range(0, len(buffers), IOV_MAX):
-            group = buffers[start:start + IOV_MAX]
-            position += pwritev_all(self._fd, group, position)
+            position += pwritev_all(self._fd, buffers[start:start + IOV_MAX], position)
         os.fdatasync(self._fd)
 
     def retire(self) -> None:
         """Mark the batch applied (a lost retire only means an idempotent replay)."""
         os.pwrite(self._fd, bytes(_JR_HEAD.size), 0)
 
-    def pending(self) -> list[tuple[int, bytes]]:
-        """The last batch if it is complete and valid, else nothing."""
+    def pending(self) -> JournalRecord | None:
+        """The last batch if it is complete and valid, else None."""
         head = os.pread(self._fd, _JR_HEAD.size, 0)
         if len(head) < _JR_HEAD.size:
-            return []
-        magic, sequence, count, crc = _JR_HEAD.unpack(head)
+            return None
+        magic, sequence, count, crc, flags = _JR_HEAD.unpack(head)
         if magic != _JR_MAGIC or count == 0:
-            return []
-        index = os.pread(self._fd, 8 * count, _JR_HEAD.size)
-        data = os.pread(self._fd, PAGE_SIZE * count, _JR_HEAD.size + 8 * count)
-        if len(index) != 8 * count or len(data) != PAGE_SIZE * count:
-            return []
-        if zlib.crc32(data, zlib.crc32(index)) != crc:
-            return []
+            return None
+        meta_size = 16 * count if flags & _JR_HAS_STATES else 0
+        body_size = 8 * count + meta_size + PAGE_SIZE * count
+        body = os.pread(self._fd, body_size, _JR_HEAD.size)
+        if len(body) != body_size or zlib.crc32(body) != crc:
+            return None
         self._sequence = sequence
-        offsets = np.frombuffer(index, "<u8")
-        return [(int(off), data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i, off in enumerate(offsets)]
+        offsets = np.frombuffer(body, "<u8", count)
+        data = body[8 * count + meta_size:]
+        pages = [(int(off), data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i, off in enumerate(offsets)]
+        states = None
+        if meta_size:
+            keyids = np.frombuffer(body, "<u8", count, 8 * count)
+            tweaks = np.frombuffer(body, "<u8", count, 16 * count)
+            states = [PageState(int(k), int(t)) for k, t in zip(keyids, tweaks, strict=True)]
+        return JournalRecord(pages, states)
