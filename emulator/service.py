@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ class Backend:
         self.config = config
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(2, thread_name_prefix="controller")
+        # Key programs get their own worker, so one never waits in the queue
+        # behind long requests: its busy timeout runs from its arrival.
+        self._key_executor = ThreadPoolExecutor(1, thread_name_prefix="pconfig")
+        self._closed = False
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping = asyncio.Event()
         self._handlers: dict[p.Request, Callable[[bytes, p.Role], bytes | tuple[bytes, int]]] = {
@@ -72,11 +77,17 @@ class Backend:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def serve(self, ready: Callable[[], None] | None = None) -> None:
-        """Listen until SIGTERM/SIGINT (or :meth:`stop`), then write back and return."""
+    async def serve(self, ready: Callable[[], None] | None = None, *,
+                    install_signals: bool = True) -> None:
+        """Listen until SIGTERM/SIGINT (or :meth:`stop`), then write back and return.
+
+        ``install_signals`` False leaves signals alone (a loop that is not on
+        the main thread, as in tests).
+        """
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stopping.set)
         await self._listen(self.config.admin_socket, p.Role.ADMIN)
         if self.config.guest_socket is not None:
             await self._listen(self.config.guest_socket, p.Role.GUEST)
@@ -87,6 +98,7 @@ class Backend:
             server.close()
         await loop.run_in_executor(self._executor, self._close_controller)
         self._executor.shutdown()
+        self._key_executor.shutdown()
         for path in (self.config.admin_socket, self.config.guest_socket):
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -97,7 +109,9 @@ class Backend:
 
     def _close_controller(self) -> None:
         with self._lock:
-            self.controller.close()
+            if not self._closed:
+                self.controller.close()
+                self._closed = True  # requests still queued are refused, not run on closed files
 
     async def _listen(self, path: Path, role: p.Role) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -154,8 +168,10 @@ class Backend:
                       role: p.Role) -> tuple[bytes | None, int | None]:
         try:
             req = self._route(request, flags, role)
+            deadline = time.monotonic() + self.config.busy_timeout
+            executor = self._key_executor if req is p.Request.KEY_PROGRAM else self._executor
             result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run, req, payload, role)
+                executor, self._run, req, payload, role, deadline)
         except _Refused as exc:
             if request in p.ACK_ONLY and not flags & (p.FLAG_NEED_REPLY | p.FLAG_REPLY):
                 # No reply was asked for: an unrequested error would desynchronise the client.
@@ -179,13 +195,24 @@ class Backend:
             raise _Refused(ErrorCode.DENIED, f"{req.name} is not available to the guest")
         return req
 
-    def _run(self, req: p.Request, payload: bytes, role: p.Role) -> bytes | tuple[bytes, int]:
-        """On the worker thread: the controller call, serialised by the lock."""
-        timeout = self.config.busy_timeout if req is p.Request.KEY_PROGRAM else -1
-        if not self._lock.acquire(timeout=timeout):
-            return p.U32.pack(KeyStatus.DEVICE_BUSY)
+    def _run(self, req: p.Request, payload: bytes, role: p.Role,
+             deadline: float) -> bytes | tuple[bytes, int]:
+        """On a worker thread: the controller call, serialised by the lock.
+
+        A key program that cannot get the device by ``deadline`` answers
+        DEVICE_BUSY, as PCONFIG does; other requests wait their turn.
+        """
+        if req is p.Request.KEY_PROGRAM:
+            if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return p.U32.pack(KeyStatus.DEVICE_BUSY)
+        else:
+            self._lock.acquire()
         try:
+            if self._closed:
+                raise _Refused(ErrorCode.STATE, "the backend is shutting down")
             return self._handlers[req](payload, role)
+        except _Refused:
+            raise
         except ControllerError as exc:
             raise _Refused(exc.code, str(exc)) from exc
         except (struct.error, ValueError) as exc:
