@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import ErrorCode, ProtocolError, RemoteError, ReplyTimeout
+from .errors import ErrorCode, KeyProgramError, ProtocolError, RemoteError, ReplyTimeout
 from .pconfig import (
     STRUCT_SIZE,
     Algorithm,
@@ -381,3 +381,24 @@ def key_program(keyid: int, command: KeyCommand, algorithm: str = "aes-xts-128",
                 key_hex: str | None = None, tweak_hex: str | None = None) -> KeyProgram:
     """Build a key-program struct from CLI-style arguments (host and guest share it)."""
     return build_program(keyid, command, Algorithm.from_name(algorithm), key_hex, tweak_hex)
+
+
+def key_program_from_choice(keyid: int, algorithm: str = "aes-xts-128", *, user: str | None = None,
+                            random: bool = False, clear: bool = False,
+                            options: str | None = None) -> KeyProgram:
+    """The struct for the `key` commands' forms (host and guest CLIs share them).
+
+    Exactly one form is expected: ``user`` as KEYHEX:TWEAKHEX, ``random``,
+    ``clear``, the Linux key-service ``options`` string, or none of them for
+    NO_ENCRYPT.  Raises KeyProgramError (never quoting key material).
+    """
+    if options is not None:
+        return parse_key_options(keyid, options)
+    if user is not None:
+        key_hex, sep, tweak_hex = user.partition(":")
+        if not sep:
+            raise KeyProgramError("--user takes KEYHEX:TWEAKHEX")
+        return key_program(keyid, KeyCommand.SET_KEY_DIRECT, algorithm, key_hex, tweak_hex)
+    command = (KeyCommand.SET_KEY_RANDOM if random
+               else KeyCommand.CLEAR_KEY if clear else KeyCommand.NO_ENCRYPT)
+    return key_program(keyid, command, algorithm)

@@ -15,14 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mktme_emu.protocol import (
-    INSPECT_MAX_PAGES,
-    Client,
-    KeyCommand,
-    KeyStatus,
-    key_program,
-    parse_key_options,
-)
+from mktme_emu.protocol import INSPECT_MAX_PAGES, Client, KeyStatus, key_program_from_choice
 
 from . import channel, dax, phases, physaddr, system
 from .argtypes import integer, size
@@ -80,18 +73,9 @@ def _add_key_options(cmd: argparse.ArgumentParser) -> None:
 
 def _program(args: argparse.Namespace, client: Client) -> KeyStatus:
     """Build the struct from the options and program it; the PCONFIG status."""
-    if args.options is not None:
-        prog = parse_key_options(args.keyid, args.options)
-    elif args.user is not None:
-        key_hex, sep, tweak_hex = args.user.partition(":")
-        if not sep:
-            raise UsageError("--user takes KEYHEX:TWEAKHEX")
-        prog = key_program(args.keyid, KeyCommand.SET_KEY_DIRECT, args.alg, key_hex, tweak_hex)
-    else:
-        command = (KeyCommand.SET_KEY_RANDOM if args.random
-                   else KeyCommand.CLEAR_KEY if args.clear else KeyCommand.NO_ENCRYPT)
-        prog = key_program(args.keyid, command, args.alg)
-    return client.program_key(prog)
+    return client.program_key(key_program_from_choice(
+        args.keyid, args.alg, user=args.user, random=args.random, clear=args.clear,
+        options=args.options))
 
 
 def _key(args: argparse.Namespace) -> int:

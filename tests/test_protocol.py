@@ -77,3 +77,21 @@ def test_page_record_round_trip() -> None:
     packed = record.pack()
     assert len(packed) == p.PAGE_RECORD.size == 56
     assert p.PageRecord.unpack_from(packed, 0) == record
+
+
+@pytest.mark.parametrize(("form", "command"), [
+    ({"user": "00" * 15 + "01:" + "02" * 16}, 0), ({"random": True}, 1), ({"clear": True}, 2),
+    ({}, 3), ({"options": "type=cpu algorithm=aes-xts-256"}, 1)])
+def test_key_command_forms_build_the_right_struct(form: dict[str, object], command: int) -> None:
+    program = p.key_program_from_choice(9, "aes-xts-128", **form)  # type: ignore[arg-type]
+    raw = program.pack()
+    assert len(raw) == 192 and int.from_bytes(raw[0:2], "little") == 9
+    assert raw[2] == command
+
+
+def test_a_user_key_without_a_colon_is_refused_without_echoing_it() -> None:
+    from mktme_emu.errors import KeyProgramError
+    secret = "ab" * 32
+    with pytest.raises(KeyProgramError) as info:
+        p.key_program_from_choice(1, user=secret)
+    assert secret not in str(info.value)

@@ -12,8 +12,8 @@ from .. import protocol as p
 from ..controller import ControllerConfig, MemoryController, TweakMode
 from ..controller.persist import load_metadata
 from ..crypto import DEFAULT_UNIT, XtsKey, XtsPool
-from ..errors import ConfigError, KeyProgramError
-from ..keytable import DEFAULT_KEYID_BITS, KeyCommand, TmePolicy, parse_key_options
+from ..errors import ConfigError
+from ..keytable import DEFAULT_KEYID_BITS, TmePolicy
 from ..service import ServiceConfig, run_backend
 from . import args as types
 
@@ -148,17 +148,9 @@ def _add_key(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def key_program_from_args(args: argparse.Namespace) -> p.KeyProgram:
-    """The struct the key command's options describe (shared with the guest CLI)."""
-    if args.options is not None:
-        return parse_key_options(args.keyid, args.options)
-    if args.user is not None:
-        key_hex, sep, tweak_hex = args.user.partition(":")
-        if not sep:
-            raise KeyProgramError("--user takes KEYHEX:TWEAKHEX")
-        return p.key_program(args.keyid, KeyCommand.SET_KEY_DIRECT, args.alg, key_hex, tweak_hex)
-    command = (KeyCommand.SET_KEY_RANDOM if args.random
-               else KeyCommand.CLEAR_KEY if args.clear else KeyCommand.NO_ENCRYPT)
-    return p.key_program(args.keyid, command, args.alg)
+    """The struct the key command's options describe."""
+    return p.key_program_from_choice(args.keyid, args.alg, user=args.user, random=args.random,
+                                     clear=args.clear, options=args.options)
 
 
 def _key(args: argparse.Namespace) -> int:
