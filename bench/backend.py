@@ -5,16 +5,13 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from mktme_emu.protocol import Client, KeyCommand, key_program
+from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
 
 from .report import best_of, line
 
@@ -22,34 +19,14 @@ MiB = 1 << 20
 
 
 @contextlib.contextmanager
-def backend(size: int) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
-    """A real `mktme-emu serve` with its view in /dev/shm, stopped with SIGTERM."""
-    with tempfile.TemporaryDirectory(prefix="mktme-bench-") as tmp:
-        state = Path(tmp) / "state"
-        view = Path(tempfile.mktemp(prefix="mktme-bench-", suffix=".view", dir="/dev/shm"))
-        argv = [sys.executable, "-m", "mktme_emu.cli.main", "serve", "--state-dir", str(state),
-                "--size", str(size), "--base", "0x100000000", "--view", str(view)]
-        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
-        sock = state / "control.sock"
-        try:
-            _wait_for(sock, proc)
-            yield proc, sock, view
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
-            view.unlink(missing_ok=True)
-
-
-def _wait_for(sock: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the backend exited during start-up")
-        with contextlib.suppress(Exception), Client.connect(sock) as client:
-            client.features()
-            return
-        time.sleep(0.05)
-    raise RuntimeError("the backend did not answer")
+def backend(size: int) -> Iterator[EmulatedNvdimm]:
+    """A real `mktme-emu serve` (view in /dev/shm) at a fixed base; stopped with SIGTERM."""
+    nvdimm = EmulatedNvdimm(EmulatorOptions(size=size))
+    try:
+        nvdimm.attach(0x100000000)
+        yield nvdimm
+    finally:
+        nvdimm.close()
 
 
 def _disk_write_speed(directory: Path, size: int) -> float:
@@ -77,8 +54,9 @@ def _private_memory(pid: int) -> dict[str, int]:
     return fields
 
 
-def _throughput(proc: subprocess.Popen[bytes], sock: Path, view: Path, size: int) -> None:
-    with Client.connect(sock) as client, open(view, "r+b") as f:
+def _throughput(nvdimm: EmulatedNvdimm, size: int) -> None:
+    sock = nvdimm.control_socket
+    with Client.connect(sock) as client, open(nvdimm.view_path, "r+b") as f:
         for keyid in (1, 2):
             client.program_key(key_program(keyid, KeyCommand.SET_KEY_DIRECT, "aes-xts-128",
                                            os.urandom(16).hex(), os.urandom(16).hex()))
@@ -101,7 +79,8 @@ def _throughput(proc: subprocess.Popen[bytes], sock: Path, view: Path, size: int
         maps = best_of(5, lambda: [client.map(0, 2 * MiB, k) for k in (2, 1) * 5])
         line("map 2 MiB (write back + fill + metadata)", maps / 10 * 1e3, "ms")
         mem.close()
-    for name, value in _private_memory(proc.pid).items():
+    assert nvdimm.pid is not None
+    for name, value in _private_memory(nvdimm.pid).items():
         line(f"backend {name}", value / MiB, "MiB")
 
 
@@ -128,6 +107,6 @@ def _round_trips(sock: Path, quick: bool) -> None:
 
 def run(quick: bool = False) -> None:
     size = (64 if quick else 256) * MiB
-    with backend(size) as (proc, sock, view):
-        _throughput(proc, sock, view, size)
-        _round_trips(sock, quick)
+    with backend(size) as nvdimm:
+        _throughput(nvdimm, size)
+        _round_trips(nvdimm.control_socket, quick)

@@ -96,6 +96,11 @@ class EmulatedNvdimm:
             time.sleep(0.05)
         raise VmError(f"the emulator backend did not answer on {socket} within {START_TIMEOUT:.0f}s")
 
+    @property
+    def pid(self) -> int | None:
+        """The backend process we started (None when attached to a running one)."""
+        return None if self._proc is None else self._proc.pid
+
     def _client(self) -> Client:
         return Client.connect(self.control_socket, timeout=STOP_TIMEOUT)
 
