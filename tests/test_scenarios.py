@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from backend_helpers import xts_reference
 from mktme_emu.scenarios import SCENARIOS, Row, format_table, run_scenarios
 from mktme_emu.scenarios.checks import media_outcome, plaintext_on_media, relocation_model
 from mktme_emu.scenarios.session import Dimm, SessionOptions, guest_pattern
@@ -23,12 +23,7 @@ needs_kernel = pytest.mark.skipif(load_kernel(cache_dir()) is None,
 
 def independent_xts(key: bytes, data: bytes, tweak: int, unit: int = 64) -> bytes:
     """One `cryptography` XTS call per data unit: nothing shared with mktme_emu.crypto."""
-    out = bytearray()
-    for start in range(0, len(data), unit):
-        tweak_bytes = (tweak + start).to_bytes(16, "little")
-        out += Cipher(algorithms.AES(key), modes.XTS(tweak_bytes)).encryptor().update(
-            data[start:start + unit])
-    return bytes(out)
+    return xts_reference(key, data, range(tweak, tweak + len(data), unit), unit)
 
 
 # -- host-side pieces, no VM ------------------------------------------------------

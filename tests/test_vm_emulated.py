@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from backend_helpers import xts_reference
 from mktme_emu.protocol import Client
 from mktme_emu.vm.boot import LaunchOptions, launch
 from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
@@ -58,11 +58,8 @@ sys.exit(0 if bytes(buf) != page else 9)
 
 
 def _xts(data: bytes, tweak: int) -> bytes:
-    out = b""
-    for unit in range(0, len(data), 64):
-        enc = Cipher(algorithms.AES(KEY + TWEAK), modes.XTS((tweak + unit).to_bytes(16, "little")))
-        out += enc.encryptor().update(data[unit:unit + 64])
-    return out
+    """Independent XTS of consecutive 64-byte units starting at ``tweak``."""
+    return xts_reference(KEY + TWEAK, data, range(tweak, tweak + len(data), 64), 64)
 
 
 def test_reboot_power_cycles_the_emulated_nvdimm(tmp_path: Path,
