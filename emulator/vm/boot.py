@@ -15,13 +15,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mktme_emu.errors import ConfigError
-from mktme_emu.vm.initramfs import build_initramfs
+from mktme_emu.vm.initramfs import GUEST_MODULES, build_initramfs
 from mktme_emu.vm.kernel import cache_dir, fetch_kernel
 from mktme_emu.vm.launcher import NvdimmBackend, PlainNvdimm, RunRequest, VmResult, run_vm, spec_of
+from mktme_emu.vm.net import GUEST_NET_MODULES, NetOptions, NetPlan, open_network, plan_network
 from mktme_emu.vm.qemu import QEMU, VmConfig, probe_kvm, profile_path
 
 NS_MODES = ("fsdax", "devdax", "raw")
@@ -56,6 +57,7 @@ class LaunchOptions:
     cache: Path | None = None
     keep: bool = False  # leave the run directory (console.log, sockets) behind
     qemu: str = QEMU
+    net: NetOptions = field(default_factory=NetOptions)  # guest networking (vm/net.py)
 
     def __post_init__(self) -> None:
         if self.accel not in ("auto", "kvm", "tcg"):
@@ -97,7 +99,8 @@ def _project_dirs() -> list[str]:
     return sorted(dirs)
 
 
-def kernel_params(opts: LaunchOptions, interactive: bool) -> tuple[str, ...]:
+def kernel_params(opts: LaunchOptions, interactive: bool,
+                  net: NetPlan | None = None) -> tuple[str, ...]:
     """Guest kernel parameters init.sh reads (mktme.*)."""
     params = [f"mktme.path={Path(sys.executable).parent}"]
     keep = [d for d in _project_dirs() if "," not in d and not any(c.isspace() for c in d)]
@@ -108,21 +111,25 @@ def kernel_params(opts: LaunchOptions, interactive: bool) -> tuple[str, ...]:
     if interactive:
         size = shutil.get_terminal_size((80, 24))
         params.append(f"mktme.tty={size.lines}x{size.columns}")
+    if net is not None:
+        params.append(net.kernel_param())
     return tuple(params)
 
 
 def make_config(opts: LaunchOptions, backends: Sequence[NvdimmBackend], run_dir: Path,
-                interactive: bool, progress: Progress = _quiet) -> VmConfig:
+                interactive: bool, progress: Progress = _quiet,
+                net: NetPlan | None = None, tap_fd: int | None = None) -> VmConfig:
     """Fetch the kernel if needed, build the initramfs, pick the accel: a VmConfig."""
     cache = cache_dir(opts.cache)
     kernel = fetch_kernel(cache, progress=progress)
-    initrd = build_initramfs(kernel, cache)
+    initrd = build_initramfs(kernel, cache, GUEST_MODULES + (GUEST_NET_MODULES if net else ()))
     return VmConfig(
         kernel=kernel.vmlinuz, initrd=initrd, profile=profile_path(opts.profile),
         accel=choose_accel(opts, kernel.vmlinuz, cache, progress), run_dir=run_dir,
         nvdimms=tuple(spec_of(b) for b in backends), memory=opts.memory, cpus=opts.cpus,
-        interactive=interactive, gdb=opts.gdb, append=kernel_params(opts, interactive),
-        extra_args=opts.extra_args, qemu=opts.qemu)
+        interactive=interactive, gdb=opts.gdb, append=kernel_params(opts, interactive, net),
+        extra_args=opts.extra_args, qemu=opts.qemu,
+        net_args=net.qemu_args(tap_fd) if net else (), pass_fds=() if tap_fd is None else (tap_fd,))
 
 
 @contextlib.contextmanager
@@ -155,9 +162,10 @@ def launch(opts: LaunchOptions, request: RunRequest,
     """
     owned = plain_backends(opts) if backends is None else []
     try:
-        with run_directory(opts.keep, progress) as run_dir:
+        net = plan_network(opts.net)
+        with run_directory(opts.keep, progress) as run_dir, open_network(net, progress) as tap_fd:
             cfg = make_config(opts, owned or backends or [], run_dir,
-                              request.interactive, progress)
+                              request.interactive, progress, net, tap_fd)
             if opts.gdb:
                 progress("gdb: gdb vmlinux -ex 'target remote :1234'")
             progress(f"vm: QMP monitor socket {cfg.monitor_socket}")
