@@ -62,6 +62,8 @@ def test_hostfwd_needs_user_mode() -> None:
         NetOptions("tap", (PortForward(1, 2),))
     with pytest.raises(ConfigError, match="--net must be"):
         NetOptions("bridge")
+    with pytest.raises(ConfigError, match="twice"):
+        NetOptions("user", (PortForward(8080, 80), PortForward(8080, 81)))
 
 
 def test_user_plan_forwards_loopback_only() -> None:

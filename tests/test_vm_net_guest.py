@@ -149,3 +149,28 @@ def test_sigkilled_tap_run_leaves_only_a_namespace_that_net_clean_removes() -> N
     assert mine[0] in json.loads(clean.stdout)["removed"]
     assert mine[0] not in namespaces()
     assert host_has_no_trace()
+
+
+@root_only
+def test_ctrl_c_during_a_tap_run_removes_its_namespace() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mktme_emu.cli.main", "run", "--plain", "--net", "tap",
+         "--nvdimm-size", "64M", "--timeout", "300", "--", "sleep", "300"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    assert child.stderr is not None
+    try:
+        # Its last line before QEMU starts; a dead child ends the loop with "".
+        while "QMP monitor socket" not in (line := child.stderr.readline()):
+            assert line, "the run ended before starting QEMU"
+        mine = [n for n in namespaces() if n.startswith(f"{NS_PREFIX}{child.pid}-")]
+        assert len(mine) == 1
+        time.sleep(2)  # QEMU is booting the guest
+        os.killpg(child.pid, signal.SIGINT)  # Ctrl-C: the run and its QEMU both get it
+        assert child.wait(timeout=60) == 130
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.stderr.close()
+    assert mine[0] not in namespaces()
+    assert host_has_no_trace()

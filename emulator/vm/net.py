@@ -88,6 +88,9 @@ class NetOptions:
             raise ConfigError(f"--net must be one of {', '.join(NET_MODES)}, not {self.mode!r}")
         if self.forwards and self.mode != "user":
             raise ConfigError("--hostfwd needs --net user (with --net tap, use the namespace)")
+        ports = [f.host_port for f in self.forwards]
+        if len(set(ports)) != len(ports):
+            raise ConfigError("--hostfwd: a host port is given twice")
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,9 @@ class NetPlan:
             fwd = ", ".join(f"127.0.0.1:{f.host_port} -> guest:{f.guest_port}"
                             for f in self.forwards)
             return f"net: user-mode, guest {self.guest_address}" + (f"; {fwd}" if fwd else "")
-        return (f"net: guest {self.guest_address} on tap {self.tap} ({self.gateway}/{self.prefix})"
-                f" in namespace {self.namespace}; reach it with: "
-                f"ip netns exec {self.namespace} COMMAND {self.guest_address} ...")
+        return (f"net: guest {self.guest_address} in namespace {self.namespace} (host side "
+                f"{self.gateway}/{self.prefix} on tap {self.tap}); reach it from there, e.g. "
+                f"ip netns exec {self.namespace} ping {self.guest_address}")
 
 
     def dry_run_line(self) -> str:
@@ -189,10 +192,11 @@ def _pyroute2() -> Any:
     return pyroute2
 
 
-def require_root(what: str) -> None:
+def require_root(what: str, advice: str = "") -> None:
+    """One clear line for non-root users: what needs root, and what to do instead."""
     if os.geteuid() != 0:
-        raise ConfigError(f"{what} needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN, to create a network "
-                          "namespace and a tap device); without them use --net user")
+        raise ConfigError(f"{what} needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN, for network "
+                          f"namespaces and tap devices){advice}")
 
 
 def clean_stale(netns_dir: Path = NETNS_DIR, proc: Path = Path("/proc")) -> list[str]:
@@ -203,7 +207,7 @@ def clean_stale(netns_dir: Path = NETNS_DIR, proc: Path = Path("/proc")) -> list
     names = [p.name for p in netns_dir.iterdir()] if netns_dir.is_dir() else []
     stale = stale_namespaces(names, proc)
     if stale:
-        require_root("removing a network namespace")
+        require_root(f"removing {len(stale)} namespace(s) left by killed tap runs")
         netns = _pyroute2().netns
         for name in stale:
             with contextlib.suppress(FileNotFoundError):
@@ -279,7 +283,7 @@ def open_network(plan: NetPlan | None, progress: Progress = _quiet) -> Iterator[
         yield None
         return
     assert plan.namespace and plan.tap
-    require_root("--net tap")
+    require_root("--net tap", "; without root use --net user")
     for name in clean_stale():
         progress(f"net: removed namespace {name} left by a run that is gone")
     fd: int | None = None
