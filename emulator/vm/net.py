@@ -27,6 +27,7 @@ rest of the project never needs it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -243,7 +244,6 @@ def _open_tap(namespace: str, tap: str) -> int:
     errors: list[BaseException] = []
 
     def attach() -> None:
-        import fcntl
         try:
             netns.setns(namespace, flags=0)
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
