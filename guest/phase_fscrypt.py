@@ -183,14 +183,36 @@ def _offload(client: Client, args: argparse.Namespace, files: list[Result], use_
         f["first_dun"] = first
 
 
+def master_key(text: str) -> str:
+    """A v2 master key for AES-256-XTS: 64 bytes in hex (the mode's key size at least)."""
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("the master key must be hex") from None
+    if len(raw) != 64:
+        raise argparse.ArgumentTypeError(f"the master key must be 64 bytes, got {len(raw)}")
+    return text
+
+
+def page_counts(text: str) -> list[int]:
+    """'4,9,2' -> [4, 9, 2]: pages per file, each at least one."""
+    try:
+        counts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of page counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("every file needs at least one page")
+    return counts
+
+
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--master-key", required=True, metavar="HEX",
+    parser.add_argument("--master-key", required=True, metavar="HEX", type=master_key,
                         help="fscrypt master key, 64 bytes in hex (a test key: the host checks with it)")
     parser.add_argument("--uuid", required=True, type=uuid.UUID, help="filesystem UUID for mkfs.ext4 -U")
     parser.add_argument("--user", required=True, metavar="KEYHEX:TWEAKHEX",
                         help="the per-mode key the host derived (AES-256-XTS data key : tweak key)")
     parser.add_argument("--keyid", type=integer, default=9, help="KeyID for the offload (default 9)")
-    parser.add_argument("--pages", type=lambda s: [int(p) for p in s.split(",")], default=[4, 9, 2],
+    parser.add_argument("--pages", type=page_counts, default=[4, 9, 2],
                         help="pages per file, comma-separated (default 4,9,2)")
     parser.add_argument("--seed", type=int, default=50, help="pattern seed of file 0 (default 50)")
     parser.add_argument("--mountpoint", type=Path, default=DEFAULT_MOUNT)

@@ -114,3 +114,25 @@ def test_serve_refuses_dun_with_small_units_in_one_line(backends):
     out = subprocess.run(b.command(), capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "unit 4096" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_dun_keyed_move_carries_the_dun_and_a_restart_keeps_the_mode(backends):
+    """The keyed mover re-encrypts under the carried DUN (same bytes); a restarted
+    backend reloads dun mode and the per-page DUNs from its state directory."""
+    b = backends(tweak="dun", unit=4096)
+    c = b.client()
+    key = os.urandom(32), os.urandom(32)
+    program_user(c, 4, *key)
+    src, dst, n, first = 16 * PAGE, 200 * PAGE, 3 * PAGE, dun(40, 7)
+    c.map(src, n, 4, first)
+    plain = os.urandom(n)
+    b.write(src, plain)
+    c.flush()
+    c.relocate(src, dst, n, "keyed")
+    expected = xts_reference(b"".join(key), plain, [first + k for k in range(3)], PAGE)
+    assert b.read(dst, n) == plain and b.media(dst, n) == expected
+    b.restart()
+    c = b.client()
+    assert c.config()["tweak"] == "dun"
+    program_user(c, 4, *key)
+    assert b.read(dst, n) == plain

@@ -98,3 +98,17 @@ def test_guest_phase_parses_page_lists(text):
     args = parser.parse_args(["--master-key", "00" * 64, "--uuid", str(SECRETS.fs_uuid),
                               "--user", "00:11", "--pages", text])
     assert args.pages == [int(p) for p in text.split(",")]
+
+
+@pytest.mark.parametrize("options", [("--master-key", "zz" * 64), ("--master-key", "00" * 32),
+                                     ("--pages", "4,x"), ("--pages", "0"), ("--uuid", "nope")])
+def test_guest_phase_refuses_bad_options_in_one_line(options, capsys):
+    parser = argparse.ArgumentParser()
+    g._arguments(parser)
+    argv = {"--master-key": "00" * 64, "--uuid": str(SECRETS.fs_uuid), "--user": "00:11"}
+    argv[options[0]] = options[1]
+    with pytest.raises(SystemExit):
+        parser.parse_args([word for pair in argv.items() for word in pair])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("usage:") or "error:" in err[-1]
+    assert "Traceback" not in "\n".join(err)
