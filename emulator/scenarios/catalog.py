@@ -1,4 +1,4 @@
-"""The four scenarios: which boots, which phases, which checks."""
+"""The scenarios: which boots, which phases, which checks (the fifth in fscrypt_offload)."""
 
 from __future__ import annotations
 
