@@ -96,7 +96,8 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
                      "a second run on it is a power cycle of the same DIMM")
     emu.add_argument("--attach", metavar="SOCKET", help="use a running backend's control socket")
     emu.add_argument("--tme", choices=("bypass", "ephemeral", "retained"), help="KeyID 0 policy")
-    emu.add_argument("--tweak", choices=("spa", "dpa", "logical"), help="tweak mode (spa)")
+    emu.add_argument("--tweak", choices=("spa", "dpa", "logical", "dun"),
+                     help="tweak mode (spa; dun needs --unit 4096)")
     emu.add_argument("--unit", type=size, help="XTS data unit in bytes (64)")
     emu.add_argument("--keyid-bits", type=int, help="KeyID bits (6)")
     emu.add_argument("--plain", action="store_true",
