@@ -175,6 +175,8 @@ class Features:
     def unpack(cls, body: bytes) -> Features:
         _reply_size(body, FEATURES_REPLY, "GET_FEATURES")
         features, version, role = FEATURES_REPLY.unpack(body)
+        if role not in iter(Role):
+            raise ProtocolError(f"GET_FEATURES reply with unknown role {role}")
         return cls(features, version, Role(role))
 
     def as_dict(self) -> dict[str, object]:
