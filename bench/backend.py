@@ -66,7 +66,7 @@ def _throughput(nvdimm: EmulatedNvdimm, size: int) -> None:
         for offset in range(0, size, MiB):
             mem[offset:offset + MiB] = chunk[offset // MiB % 7:] + chunk[:offset // MiB % 7]
         start = time.perf_counter()
-        written = client.flush()
+        written = client.flush().written
         dirty = time.perf_counter() - start
         reference = _disk_write_speed(sock.parent, size)
         line(f"flush {size // MiB} MiB fully dirty ({written} pages)", size / dirty / 1e9, "GB/s",

@@ -33,24 +33,16 @@ from .pconfig import (
     build_program,
     parse_key_options,
 )
+from .vocabulary import DEFAULT_KEYID_BITS, MAX_KEYID_BITS, MIN_KEYID_BITS, TmePolicy
 
 __all__ = [
     "KEY_FIELD_SIZE", "STRUCT_SIZE", "Algorithm", "KeyCommand", "KeyProgram", "KeyStatus",
     "KeyTable", "PreparedKey", "SlotKind", "TmePolicy", "build_program", "parse_key_options",
 ]
 
-MIN_KEYID_BITS, MAX_KEYID_BITS, DEFAULT_KEYID_BITS = 1, 15, 6
 PLATFORM_KEY_FILE = "tme-platform-key"
 
 RandomSource = Callable[[int], bytes]
-
-
-class TmePolicy(enum.Enum):
-    """What KeyID 0 (and every unprogrammed KeyID) does."""
-
-    BYPASS = "bypass"  # no encryption, as BIOSes offer for persistent memory
-    EPHEMERAL = "ephemeral"  # a fresh platform key at every power cycle
-    RETAINED = "retained"  # a platform key kept in the state directory
 
 
 class SlotKind(enum.IntEnum):

@@ -11,6 +11,12 @@ module:
   request/response (on a lock file opened per call, because virtio-serial
   lets only one open file description exist at a time, and flock between
   descriptors that share one description does not exclude);
+- the lock alone cannot stop a reply from outliving its caller (a process
+  killed, or a call timed out, after its request was sent): that reply
+  arrives later, under someone else's lock.  Every request carries a fresh
+  random tag that its reply echoes (protocol version 2), and the client
+  takes only the reply with its own tag, so a leftover is discarded and
+  can never answer a later caller;
 - a second ``open()`` of a port fails with EBUSY while someone holds it, so
   :func:`open_port` retries until its deadline instead of failing at once;
 - a reply that never comes must not hang a test forever: reads poll with a
@@ -134,8 +140,9 @@ def exclusive(lock_paths: tuple[Path, ...] = LOCK_PATHS) -> Iterator[None]:
 class GuestClient(Client):
     """The protocol client with each request/response under the channel lock.
 
-    Also serialises threads of one process, and drops stale bytes left on
-    the port by a process that died between its request and its reply.
+    Also serialises threads of one process.  Stale bytes already waiting on
+    the port are drained before each request (a cheap clean-up); what makes
+    a leftover reply harmless is the tag check of :meth:`Client.call`.
     """
 
     def __init__(self, transport: PortTransport, lock_paths: tuple[Path, ...] = LOCK_PATHS) -> None:

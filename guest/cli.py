@@ -45,7 +45,7 @@ def _print_extents(extents: list[Extent], base: int | None, as_json: bool, **ext
 
 def _status(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        info: dict[str, object] = {**client.features(), **client.config()}
+        info: dict[str, object] = {**client.features().as_dict(), **client.config().as_dict()}
     info.pop("view", None)  # the guest role never learns the host's view path
     info["devices"] = system.nvdimm_devices()
     if args.json:
@@ -139,7 +139,7 @@ def _map(args: argparse.Namespace) -> int:
 def _flush(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         if args.pa is None and args.file is None and args.device is None:
-            written = client.flush()
+            written = client.flush().written
         else:
             written = dax.flush_extents(client, _where(args))
     print(f"{written} pages written back")

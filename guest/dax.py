@@ -64,7 +64,7 @@ class DataArea:
     @classmethod
     def of(cls, client: Client) -> DataArea:
         cfg = client.config()
-        return cls(int(cfg["base"]), int(cfg["size"]))  # type: ignore[call-overload]
+        return cls(cfg.base, cfg.size)
 
     def offset(self, ext: Extent) -> int:
         """The data-area offset of an extent; ResolveError when it is not on the NVDIMM."""
@@ -119,7 +119,7 @@ def flush_extents(client: Client, extents: list[Extent]) -> int:
     for ext in extents:
         start = ext.pa - ext.pa % PAGE_SIZE
         end = -(-ext.end // PAGE_SIZE) * PAGE_SIZE
-        written += client.flush(area.offset(Extent(start, end - start)), end - start)
+        written += client.flush(area.offset(Extent(start, end - start)), end - start).written
     return written
 
 

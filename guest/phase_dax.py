@@ -48,7 +48,7 @@ def _common_arguments(parser: argparse.ArgumentParser, keyid: int, seed: int) ->
 
 def _device_facts(client: Client) -> Result:
     cfg = client.config()
-    return {"base": cfg["base"], "tweak_mode": cfg["tweak"], "unit": cfg["unit"], "tme": cfg["tme"]}
+    return {"base": cfg.base, "tweak_mode": cfg.tweak.value, "unit": cfg.unit, "tme": cfg.tme.value}
 
 
 def _write_under_key(m: dax.DaxMap, offset: int, length: int, args: argparse.Namespace,

@@ -181,7 +181,7 @@ def _relocation_arguments(parser: argparse.ArgumentParser) -> None:
 def run_relocation(args: argparse.Namespace, client: Client) -> Result:
     """Every relocation case on its own pair of regions; the outcome table."""
     cfg = client.config()
-    logical = cfg["tweak"] == "logical"
+    logical = cfg.tweak.value == "logical"
     program_user(client, args.keyid, args.user, args.alg)
     m, regs = _open_regions(client, args, 2 * len(RELOCATION_CASES))
     data = pattern(args.seed, args.pages * PAGE_SIZE)
@@ -192,9 +192,9 @@ def run_relocation(args: argparse.Namespace, client: Client) -> Result:
             src, dst = regs[2 * i], regs[2 * i + 1]
             got = case(ctx, src, dst)
             dst_keyid = client.inspect(dst.offset)[0].keyid
-            rows.append(_row(name, got, data, expected_relocation(name, str(cfg["tweak"]), str(cfg["tme"])),
+            rows.append(_row(name, got, data, expected_relocation(name, cfg.tweak.value, cfg.tme.value),
                              src=src.offset, dst=dst.offset, dst_keyid=dst_keyid))
-    return {"phase": "relocation", "tweak_mode": cfg["tweak"], "tme": cfg["tme"],
+    return {"phase": "relocation", "tweak_mode": cfg.tweak.value, "tme": cfg.tme.value,
             "keyid": args.keyid, "seed": args.seed, "pattern": pattern_spec(args.seed),
             "logical_tweak": ctx.tweak, "cases": rows, "ok": outcome_rows(rows)}
 

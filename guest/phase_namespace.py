@@ -79,7 +79,7 @@ def run_setup(args: argparse.Namespace, client: Client) -> Result:
     finally:
         system.umount(args.mountpoint)
     system.drop_caches(device)
-    written = client.flush()
+    written = client.flush().written
     expected = {file_name(i): sha256(pattern(args.seed + i, args.file_size)) for i in range(args.files)}
     return {"phase": "namespace-setup", "device": device, "fs": args.fs, "keyid": args.keyid,
             "extents": extents_json(extents, dax.DataArea.of(client).base), "seed": args.seed,

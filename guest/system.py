@@ -19,10 +19,12 @@ import os
 import subprocess
 from pathlib import Path
 
+from mktme_emu.vocabulary import NAMESPACE_MODES
+
 from .errors import CommandFailed, DeviceError
 
 BLKFLSBUF = 0x1261
-NS_MODES = ("fsdax", "devdax", "raw")
+NS_MODES = NAMESPACE_MODES  # the host's `boot --ns` uses the same names
 FILESYSTEMS = ("ext4", "xfs")
 # xfsprogs >= 5.19 refuses filesystems under 300 MB unless it runs under fstests,
 # which it recognises by these variables; the default emulated NVDIMM is 256 MB.

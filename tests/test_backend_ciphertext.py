@@ -61,7 +61,7 @@ def test_media_holds_exactly_the_expected_xts_ciphertext(backends, tweak, key_by
     b = backends(tweak=tweak, unit=unit)
     c = b.client()
     config = c.config()
-    assert (config["tweak"], config["unit"], config["base"]) == (tweak, unit, DEFAULT_BASE)
+    assert (config.tweak.value, config.unit, config.base) == (tweak, unit, DEFAULT_BASE)
     data_key, tweak_key = os.urandom(key_bytes), os.urandom(key_bytes)
     program_user(c, 2, data_key, tweak_key)
     # Two mapped ranges, the second with a logical tweak beyond 64 bits' worth of bytes.

@@ -82,7 +82,7 @@ def test_sigkill_during_flush_map_and_power_cycle_never_tears_a_page(backends):
     content = pages_of(rng.bytes(SIZE)).copy()
     b.write(0, content.tobytes())
     began = time.monotonic()
-    assert c.flush() == PAGES
+    assert c.flush().written == PAGES
     flush_seconds = time.monotonic() - began
     assert pages_of(xts_fast(xts_key, b.media(0, HALF), DEFAULT_BASE, 64, decrypt=True)).tobytes() \
         == content[:HALF_PAGES].tobytes()
@@ -127,15 +127,15 @@ def test_sigkill_during_flush_map_and_power_cycle_never_tears_a_page(backends):
         if keyids != {0}:
             # 3. The user key died with the process: locked, reported, never written back.
             assert all(r.locked and r.consistent is None for r in records)
-            assert c.config()["locked_pages"] == HALF_PAGES
-            assert c.stats()["locked_pages"] == HALF_PAGES
+            assert c.config().locked_pages == HALF_PAGES
+            assert c.stats().locked_pages == HALF_PAGES
             media_before = b.media(0, HALF)
             b.write(0, os.urandom(8 * PAGE))  # the guest writes into locked pages
             c.flush()
             assert b.media(0, HALF) == media_before
         else:
             assert not any(r.locked for r in records)
-            assert c.config()["locked_pages"] == 0
+            assert c.config().locked_pages == 0
         # The bypass half: a reattached view keeps what the guest wrote; a flush stores it.
         c.flush()
         assert b.media(HALF, HALF) == b.read(HALF, HALF)
@@ -145,7 +145,7 @@ def test_sigkill_during_flush_map_and_power_cycle_never_tears_a_page(backends):
         program_user(c, 1, *key)
         program_user(c, 2, *key2)
         c.map(0, HALF, 1)
-        assert c.config()["locked_pages"] == 0
+        assert c.config().locked_pages == 0
         assert b.read(0, HALF) == content[:HALF_PAGES].tobytes()
         assert all(not r.locked and r.consistent for r in c.inspect(0, 256))
 

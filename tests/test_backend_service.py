@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
@@ -27,7 +28,12 @@ from mktme_emu import protocol as p
 from mktme_emu.errors import ErrorCode
 from mktme_emu.protocol import KeyCommand, KeyStatus
 
-HEADER = struct.Struct("<III")
+LEGACY_HEADER = struct.Struct("<III")  # protocol version 1: request, flags, size
+
+
+def frame(request: int, flags: int, size: int, tag: int | None = None) -> bytes:
+    """A version-2 header (docs/protocol.md): request, flags, size, reserved 0, tag."""
+    return p.HEADER.pack(request, flags, size, 0, p.new_tag() if tag is None else tag)
 
 
 @pytest.fixture
@@ -57,11 +63,12 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
 
 def read_reply(s: socket.socket) -> tuple[int, int, int, bytes] | None:
     """(request, flags, code, rest) of the next reply, None at end of stream."""
-    head = recv_exact(s, HEADER.size)
+    head = recv_exact(s, p.HEADER.size)
     if not head:
         return None
-    assert len(head) == HEADER.size
-    request, flags, size = HEADER.unpack(head)
+    assert len(head) == p.HEADER.size
+    request, flags, size, reserved, _tag = p.HEADER.unpack(head)
+    assert reserved == 0
     payload = recv_exact(s, size)
     assert len(payload) == size and size >= 4
     return request, flags, struct.unpack_from("<I", payload)[0], payload[4:]
@@ -76,7 +83,7 @@ def assert_dropped_with(s: socket.socket, code: ErrorCode) -> None:
 
 def state_of(b, client) -> tuple:
     """Everything a bad client must not change."""
-    stats = client.stats()
+    stats = client.stats().as_dict()
     counters = {k: v for k, v in stats.items() if not k.startswith("flush")}
     records = [(r.offset, r.keyid, r.kind, r.locked, r.logical_tweak, r.consistent)
                for r in client.inspect(0, 256)]
@@ -129,18 +136,19 @@ def test_garbage_and_half_messages_disturb_no_one_and_change_nothing(backends):
 
     # A client that stalls in the middle of a message must not block the others.
     stalled = raw(b.admin_socket)
-    stalled.sendall(HEADER.pack(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY, 192) + key_struct[:50])
+    stalled.sendall(frame(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY, 192) + key_struct[:50])
     half_header = raw(b.guest_socket)
     half_header.sendall(b"\x03\x00\x00")
 
     dropped_cases = [
-        ("version 0", HEADER.pack(p.Request.GET_FEATURES, 0, 0)),
-        ("version 2", HEADER.pack(p.Request.GET_FEATURES, 2 | p.FLAG_NEED_REPLY, 0)),
-        ("version 3", HEADER.pack(p.Request.GET_CONFIG, 3, 0)),
-        ("unknown flag bits", HEADER.pack(p.Request.GET_FEATURES, p.VERSION | 0x100, 0)),
-        ("oversize payload", HEADER.pack(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY,
+        ("version 0", frame(p.Request.GET_FEATURES, 0, 0)),
+        ("reserved field", p.HEADER.pack(p.Request.GET_FEATURES, p.VERSION | p.FLAG_NEED_REPLY, 0, 1, 7)),
+        ("tag 0", frame(p.Request.GET_FEATURES, p.VERSION | p.FLAG_NEED_REPLY, 0, tag=0)),
+        ("version 3", frame(p.Request.GET_CONFIG, 3, 0)),
+        ("unknown flag bits", frame(p.Request.GET_FEATURES, p.VERSION | 0x100, 0)),
+        ("oversize payload", frame(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY,
                                          p.MAX_PAYLOAD + 1) + key_struct),
-        ("huge payload", HEADER.pack(p.Request.MAP, p.VERSION, 0xFFFF_FFFF)),
+        ("huge payload", frame(p.Request.MAP, p.VERSION, 0xFFFF_FFFF)),
     ]
     for path in (b.admin_socket, b.guest_socket):
         for name, message in dropped_cases:
@@ -152,23 +160,23 @@ def test_garbage_and_half_messages_disturb_no_one_and_change_nothing(backends):
                 raise AssertionError(f"{name} on {path.name}: {err}") from None
             finally:
                 s.close()
-            assert good.features()["version"] == 1
+            assert good.features().version == p.VERSION
 
     # Random bytes, and disconnects in the middle of a header or a payload.
     for seed in range(8):
         s = raw(b.admin_socket if seed % 2 else b.guest_socket)
         s.sendall(os.urandom(7 + 997 * seed))
         s.close()
-        assert good.features()["version"] == 1
-    for message in (HEADER.pack(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY, 192)[:7],
-                    HEADER.pack(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY, 192) + key_struct[:100],
-                    HEADER.pack(p.Request.MAP, p.VERSION, p.MAP_REQ.size)
+        assert good.features().version == p.VERSION
+    for message in (frame(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY, 192)[:7],
+                    frame(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY, 192) + key_struct[:100],
+                    frame(p.Request.MAP, p.VERSION, p.MAP_REQ.size)
                     + p.MAP_REQ.pack(0, PAGE, 3, 0, 0)[:9],
-                    HEADER.pack(p.Request.POWER_CYCLE, p.VERSION | p.FLAG_NEED_REPLY, 8)):
+                    frame(p.Request.POWER_CYCLE, p.VERSION | p.FLAG_NEED_REPLY, 8)):
         s = raw(b.admin_socket)
         s.sendall(message)
         s.close()
-        assert good.features()["version"] == 1
+        assert good.features().version == p.VERSION
 
     # Malformed but well-framed requests: refused, the connection stays usable.
     s = raw(b.admin_socket)
@@ -183,15 +191,14 @@ def test_garbage_and_half_messages_disturb_no_one_and_change_nothing(backends):
         (p.Request.GET_FEATURES, p.VERSION | p.FLAG_REPLY, b"", ErrorCode.INVALID),
         (12345, p.VERSION | p.FLAG_NEED_REPLY, b"", ErrorCode.UNSUPPORTED),
     ]:
-        s.sendall(HEADER.pack(request, flags, len(payload)) + payload)
+        s.sendall(frame(request, flags, len(payload)) + payload)
         reply = read_reply(s)
         assert reply is not None and reply[2] == code, (request, reply)
-    # A short key-program struct is a PCONFIG status, not a change.
-    s.sendall(HEADER.pack(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY, 100) + key_struct[:100])
+    # A short key-program struct is malformed on the wire: INVALID, nothing changes.
+    s.sendall(frame(p.Request.KEY_PROGRAM, p.VERSION | p.FLAG_NEED_REPLY, 100) + key_struct[:100])
     reply = read_reply(s)
-    assert reply is not None and reply[2] == ErrorCode.OK
-    assert struct.unpack_from("<I", reply[3])[0] == KeyStatus.INVALID_PROG_CMD
-    s.sendall(HEADER.pack(p.Request.GET_FEATURES, p.VERSION | p.FLAG_NEED_REPLY, 0))
+    assert reply is not None and reply[2] == ErrorCode.INVALID
+    s.sendall(frame(p.Request.GET_FEATURES, p.VERSION | p.FLAG_NEED_REPLY, 0))
     reply = read_reply(s)
     assert reply is not None and reply[:3] == (p.Request.GET_FEATURES, p.VERSION | p.FLAG_REPLY, 0)
     s.close()
@@ -209,8 +216,8 @@ def test_unknown_request_is_unsupported_and_the_connection_stays(backends):
         for request in (0, 12, 999, 0xFFFF_FFFF):
             with remote_error(ErrorCode.UNSUPPORTED):
                 c.call(request)  # type: ignore[arg-type]
-            assert c.features()["version"] == 1
-        assert c.config()["size"] == b.size
+            assert c.features().version == p.VERSION
+        assert c.config().size == b.size
 
 
 def test_ack_only_requests_without_need_reply_get_no_reply_even_when_refused(backends):
@@ -222,8 +229,8 @@ def test_ack_only_requests_without_need_reply_get_no_reply_even_when_refused(bac
     bad_relocate = p.RELOCATE_REQ.pack(0, 0, PAGE, 0, 0)
     for request, payload in [(p.Request.MAP, good_map), (p.Request.MAP, bad_map),
                              (p.Request.RELOCATE, bad_relocate), (p.Request.SET_BASE, b"\x01" * 8)]:
-        s.sendall(HEADER.pack(request, p.VERSION, len(payload)) + payload)
-    s.sendall(HEADER.pack(p.Request.GET_FEATURES, p.VERSION | p.FLAG_NEED_REPLY, 0))
+        s.sendall(frame(request, p.VERSION, len(payload)) + payload)
+    s.sendall(frame(p.Request.GET_FEATURES, p.VERSION | p.FLAG_NEED_REPLY, 0))
     reply = read_reply(s)
     assert reply is not None and reply[0] == p.Request.GET_FEATURES, (
         f"the next reply should answer GET_FEATURES, got one for request {reply and reply[0]}")
@@ -238,17 +245,17 @@ def test_guest_role_is_denied_host_requests_and_may_do_the_rest(backends):
     b = backends()
     admin = b.client()
     guest = b.client(guest=True)
-    assert admin.features()["role"] == p.Role.ADMIN
-    assert guest.features()["role"] == p.Role.GUEST
-    assert admin.config()["view"] == str(b.view_path)
-    assert guest.config()["view"] is None  # the host path is not the guest's business
+    assert admin.features().role == p.Role.ADMIN
+    assert guest.features().role == p.Role.GUEST
+    assert admin.config().view == str(b.view_path)
+    assert guest.config().view is None  # the host path is not the guest's business
 
     key = os.urandom(16), os.urandom(16)
     program_user(guest, 4, *key)
     guest.map(0, 2 * PAGE, 4)
     plain = os.urandom(2 * PAGE)
     b.write(0, plain)
-    assert guest.flush() >= 2
+    assert guest.flush().written >= 2
     assert [r.keyid for r in guest.inspect(0, 2)] == [4, 4]
     guest.relocate(0, 16 * PAGE, 2 * PAGE, "keyed")
     assert b.read(16 * PAGE, 2 * PAGE) == plain
@@ -257,10 +264,10 @@ def test_guest_role_is_denied_host_requests_and_may_do_the_rest(backends):
     for request in (guest.power_cycle, guest.view_fd, guest.stats, lambda: guest.set_base(0x2000_0000)):
         with remote_error(ErrorCode.DENIED):
             request()
-        assert guest.features()["role"] == p.Role.GUEST
+        assert guest.features().role == p.Role.GUEST
     assert state_of(b, admin) == before
     assert b.read(0, 2 * PAGE) == plain  # no power cycle happened
-    assert admin.config()["base"] == DEFAULT_BASE
+    assert admin.config().base == DEFAULT_BASE
     admin.power_cycle()  # the host may
     assert b.read(0, 2 * PAGE) != plain
 
@@ -287,7 +294,7 @@ def test_get_view_fd_returns_a_usable_descriptor_of_the_view(backends):
         view.close()
     fd2, size2 = c.view_fd()  # again, on the same connection
     os.close(fd2)
-    assert size2 == size and c.features()["version"] == 1
+    assert size2 == size and c.features().version == p.VERSION
 
 
 # -- many clients at once ----------------------------------------------------------------------
@@ -310,11 +317,11 @@ def test_many_clients_at_once_all_get_answers(backends):
                 for r in range(rounds):
                     plain = bytes([i, r]) * (PAGE // 2)
                     b.view[off:off + PAGE] = plain
-                    assert c.flush(off, 2 * PAGE) in (0, 1, 2)  # another thread's full flush may have won
+                    assert c.flush(off, 2 * PAGE).written in (0, 1, 2)  # a full flush may have won
                     record = c.inspect(off)[0]
                     assert record.keyid == i % 3 and record.consistent
-                    assert c.flush() >= 0
-                    assert c.config()["size"] == b.size
+                    assert c.flush().written >= 0
+                    assert c.config().size == b.size
                     answers[i] += 1
         except BaseException as exc:
             errors.append(exc)
@@ -344,7 +351,7 @@ def test_signal_writes_back_unflushed_view_changes_and_exits_0(backends, sig):
     assert b.media(40 * PAGE, 5 * PAGE) != plain_tme
     # Connections still open (one idle, one stalled mid-message) must not hold the exit up.
     idle, stalled = raw(b.admin_socket), raw(b.guest_socket)
-    stalled.sendall(HEADER.pack(p.Request.FLUSH, p.VERSION | p.FLAG_NEED_REPLY, 16) + b"\0" * 3)
+    stalled.sendall(frame(p.Request.FLUSH, p.VERSION | p.FLAG_NEED_REPLY, 16) + b"\0" * 3)
     try:
         b.stop(sig, timeout=30)  # asserts exit status 0
     finally:
@@ -398,7 +405,7 @@ def test_cli_commands_and_json_output(backends):
                f"type=user algorithm=aes-xts-128 key={tweak} tweak={key}").returncode == 0
     assert cli("power-cycle", "--socket", sock).returncode == 0
     assert b.read(1 << 20, 2 * PAGE) != plain
-    assert b.client().stats()["power_cycles"] == 1
+    assert b.client().stats().power_cycles == 1
 
 
 def test_cli_errors_are_one_line_nonzero_and_change_nothing(backends):
@@ -464,7 +471,7 @@ def test_serve_takes_left_out_options_from_the_state_dir(backends):
     b.stop()
     b.start(tweak=None, tme=None, unit=None, label_size=None, keyid_bits=None, base=None, size=None)
     with b.client() as c:
-        assert c.config() == {**expected, "locked_pages": 1}
+        assert c.config() == dataclasses.replace(expected, locked_pages=1)
         record = c.inspect(0)[0]
         assert (record.keyid, record.logical_tweak, record.locked) == (3, 99, True)
         assert b.read(0, 4) == b"kept"  # re-attached to the view
@@ -525,3 +532,72 @@ def test_no_key_material_in_logs_state_dir_or_view(backends):
         for needle in needles:
             assert needle not in content, f"key material found in {where}"
     assert not [f for f in b.state_dir.iterdir() if "key" in f.name]  # bypass: no platform key either
+
+
+# -- strict wire input --------------------------------------------------------------------------
+
+def _key_struct_with(offset: int, value: bytes) -> bytes:
+    raw = bytearray(user_program(2, os.urandom(16), os.urandom(16)).pack())
+    raw[offset:offset + len(value)] = value
+    return bytes(raw)
+
+
+_NEED = p.VERSION | p.FLAG_NEED_REPLY
+STRICT_CASES = [
+    ("POWER_CYCLE with a payload", p.Request.POWER_CYCLE, b"garbage!"),
+    ("GET_FEATURES with a payload", p.Request.GET_FEATURES, b"\0"),
+    ("GET_CONFIG with a payload", p.Request.GET_CONFIG, b"\0" * 4),
+    ("STATS with a payload", p.Request.STATS, b"\1"),
+    ("GET_VIEW_FD with a payload", p.Request.GET_VIEW_FD, b"\0" * 8),
+    ("KEY_PROGRAM KEYID_CTRL bits 31:24", p.Request.KEY_PROGRAM, _key_struct_with(5, b"\x01")),
+    ("KEY_PROGRAM reserved byte 6", p.Request.KEY_PROGRAM, _key_struct_with(6, b"\x01")),
+    ("KEY_PROGRAM reserved byte 63", p.Request.KEY_PROGRAM, _key_struct_with(63, b"\x80")),
+    ("KEY_PROGRAM one byte too long", p.Request.KEY_PROGRAM, _key_struct_with(0, b"") + b"\0"),
+    ("FLUSH length 0 with an offset", p.Request.FLUSH, p.RANGE_REQ.pack(8 * PAGE, 0)),
+    ("FLUSH short", p.Request.FLUSH, p.RANGE_REQ.pack(0, PAGE)[:15]),
+    ("MAP unknown flag bits", p.Request.MAP, p.MAP_REQ.pack(0, PAGE, 1, 2, 0)),
+    ("MAP tweak without its flag", p.Request.MAP, p.MAP_REQ.pack(0, PAGE, 1, 0, 5)),
+    ("MAP long", p.Request.MAP, p.MAP_REQ.pack(0, PAGE, 1, 0, 0) + b"\0"),
+    ("RELOCATE reserved field", p.Request.RELOCATE, p.RELOCATE_REQ.pack(0, 64 * PAGE, PAGE, 0, 1)),
+    ("RELOCATE unknown mode", p.Request.RELOCATE, p.RELOCATE_REQ.pack(0, 64 * PAGE, PAGE, 2, 0)),
+    ("INSPECT reserved field", p.Request.INSPECT, p.INSPECT_REQ.pack(0, 1, 1)),
+    ("SET_BASE short", p.Request.SET_BASE, b"\0" * 7),
+]
+
+
+def test_malformed_payloads_are_invalid_and_change_nothing(backends):
+    """docs/protocol.md: exact payload sizes; reserved fields and unknown flag bits zero."""
+    b = backends()
+    setup_some_state(b)
+    good = b.client()
+    before = state_of(b, good)
+    s = raw(b.admin_socket)
+    try:
+        for name, request, payload in STRICT_CASES:
+            s.sendall(frame(request, _NEED, len(payload)) + payload)
+            reply = read_reply(s)
+            assert reply is not None and reply[0] == request, (name, reply)
+            assert reply[2] == ErrorCode.INVALID, (name, reply)
+            assert state_of(b, good) == before, name
+    finally:
+        s.close()
+    assert good.stats().power_cycles == 0
+
+
+def test_a_version_1_client_is_told_in_its_own_framing(backends):
+    """A v1 header gets a v1 error reply (request 0, INVALID) naming version 2, then a close."""
+    b = backends()
+    for path in (b.admin_socket, b.guest_socket):
+        s = raw(path)
+        try:
+            s.sendall(LEGACY_HEADER.pack(p.Request.GET_FEATURES, 1 | p.FLAG_NEED_REPLY, 0))
+            head = recv_exact(s, LEGACY_HEADER.size)
+            request, flags, size = LEGACY_HEADER.unpack(head)
+            body = recv_exact(s, size)
+            assert (request, flags) == (0, 1 | p.FLAG_REPLY)
+            assert struct.unpack_from("<I", body)[0] == ErrorCode.INVALID
+            assert b"version 2" in body[4:]
+            assert recv_exact(s, 1) == b"", "the connection should have been closed"
+        finally:
+            s.close()
+    assert b.client().features().version == 2

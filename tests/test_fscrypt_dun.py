@@ -32,7 +32,8 @@ def dun(ino: int, lblk: int) -> int:
 def test_dun_media_is_the_xts_ciphertext_with_one_dun_per_page(backends):
     b = backends(tweak="dun", unit=4096)
     c = b.client()
-    assert (c.config()["tweak"], c.config()["unit"]) == ("dun", 4096)
+    config = c.config()
+    assert (config.tweak.value, config.unit) == ("dun", 4096)
     data_key, tweak_key = os.urandom(32), os.urandom(32)
     program_user(c, 3, data_key, tweak_key)
     # Two files' blocks side by side, the second starting at lblk 5, and one
@@ -133,6 +134,6 @@ def test_dun_keyed_move_carries_the_dun_and_a_restart_keeps_the_mode(backends):
     assert b.read(dst, n) == plain and b.media(dst, n) == expected
     b.restart()
     c = b.client()
-    assert c.config()["tweak"] == "dun"
+    assert c.config().tweak.value == "dun"
     program_user(c, 4, *key)
     assert b.read(dst, n) == plain

@@ -155,15 +155,15 @@ def test_guest_client_over_a_port_like_fd(serve: Callable[..., Served], tmp_path
         os.write(fd, encode(Request.GET_CONFIG, need_reply=True))  # a process that died waiting
         channel.select.select([fd], [], [], 10)
         time.sleep(0.1)
-        assert client.features()["role"] == 1
-        assert client.config()["base"] == BASE
+        assert client.features().role == 1
+        assert client.config().base == BASE
 
 
 def test_connect_from_the_environment(serve: Callable[..., Served], monkeypatch: pytest.MonkeyPatch) -> None:
     served = serve()
     monkeypatch.setenv(channel.ENV_CHANNEL, served.channel)
     with channel.connect() as client:
-        assert client.config()["size"] == SIZE
+        assert client.config().size == SIZE
 
 
 def test_map_extents_and_flush_for_real(serve: Callable[..., Served]) -> None:
@@ -172,7 +172,7 @@ def test_map_extents_and_flush_for_real(serve: Callable[..., Served]) -> None:
         dax.map_extents(client, [Extent(BASE + 0x3000, 0x2000, 0)], 0, logical_tweak=None)
         assert dax.flush_extents(client, [Extent(BASE + 0x3000, 10)]) >= 0
         assert [p.keyid for p in client.inspect(0x3000, 2)] == [0, 0]
-    assert HEADER.size == 12
+    assert HEADER.size == 24
 
 
 # -- phases on the view ---------------------------------------------------------------------------

@@ -97,8 +97,25 @@ def test_exclusive_excludes_other_processes(tmp_path: Path) -> None:
 
 
 def test_exclusive_without_a_lock_file_still_runs(tmp_path: Path) -> None:
-    with channel.exclusive((tmp_path / "no" / "such" / "dir" / "lock",)):
-        pass
+    """No lock file can be made: the body runs anyway, creates nothing, and errors pass through."""
+    missing = tmp_path / "no" / "such" / "dir" / "lock"
+    ran: list[bool] = []
+    with channel.exclusive((missing,)):
+        ran.append(True)
+    assert ran == [True]
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(KeyError), channel.exclusive((missing,)):
+        raise KeyError("from the body")
+
+
+def test_exclusive_falls_back_to_the_next_lock_path(tmp_path: Path) -> None:
+    missing, second = tmp_path / "absent" / "lock", tmp_path / "lock"
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "except BlockingIOError: sys.exit(7)\n")
+    with channel.exclusive((missing, second)):
+        held = subprocess.run([sys.executable, "-c", probe, str(second)], check=False)
+    assert held.returncode == 7
 
 
 def test_exclusive_lock_is_per_call(tmp_path: Path) -> None:

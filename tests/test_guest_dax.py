@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mktme_emu.protocol import DeviceConfig, FlushReply
+from mktme_emu.vocabulary import TmePolicy, TweakMode
 from mktme_guest import dax, physaddr
 from mktme_guest.errors import ResolveError
 from mktme_guest.physaddr import PAGE_SIZE, Extent
@@ -20,15 +22,15 @@ class FakeClient:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def config(self) -> dict[str, object]:
-        return {"base": BASE, "size": SIZE}
+    def config(self) -> DeviceConfig:
+        return DeviceConfig(SIZE, 0, BASE, 64, TweakMode.SPA, 6, TmePolicy.BYPASS, PAGE_SIZE, 0)
 
     def map(self, offset: int, length: int, keyid: int, logical_tweak: int | None = None) -> None:
         self.calls.append(("map", offset, length, keyid, logical_tweak))
 
-    def flush(self, offset: int = 0, length: int = 0) -> int:
+    def flush(self, offset: int = 0, length: int = 0) -> FlushReply:
         self.calls.append(("flush", offset, length))
-        return length // PAGE_SIZE
+        return FlushReply(length // PAGE_SIZE)
 
 
 def test_map_extents_converts_pa_to_offsets_and_spreads_the_tweak() -> None:

@@ -1,47 +1,28 @@
-"""The service in-process, for what a separate process cannot stage: a busy device, shutdown."""
+"""The service in-process, for what a separate process cannot stage: a busy device, shutdown,
+a failing controller, sockets that belong to someone else."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import errno
+import logging
+import os
+import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mktme_emu.controller import ControllerConfig, MemoryController
-from mktme_emu.errors import ErrorCode, RemoteError
+from inprocess_backend import new_controller, served
+from mktme_emu.controller import MemoryController
+from mktme_emu.errors import ErrorCode, RemoteError, StateError
 from mktme_emu.protocol import Client, KeyCommand, KeyStatus, key_program
-from mktme_emu.service import Backend, ServiceConfig
 
 BUSY_TIMEOUT = 0.3
 
 
-@pytest.fixture
-def backend(tmp_path: Path) -> Iterator[Backend]:
-    controller = MemoryController(ControllerConfig(state_dir=tmp_path / "state", size=4 << 20,
-                                                   base=0x1_0000_0000, view_path=tmp_path / "view"))
-    service = Backend(controller, ServiceConfig(admin_socket=tmp_path / "admin.sock",
-                                                guest_socket=None, busy_timeout=BUSY_TIMEOUT))
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(service.serve(ready.set, install_signals=False))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield service
-    loop.call_soon_threadsafe(service.stop)
-    thread.join(30)
-    assert not thread.is_alive()
-
-
-def test_key_program_answers_device_busy_when_the_device_stays_held(backend: Backend) -> None:
+def test_key_program_answers_device_busy_when_the_device_stays_held(tmp_path: Path) -> None:
     user = key_program(1, KeyCommand.SET_KEY_DIRECT, "aes-xts-128", "11" * 16, "22" * 16)
-    with Client.connect(backend.config.admin_socket) as client:
+    with served(new_controller(tmp_path), tmp_path, busy_timeout=BUSY_TIMEOUT) as backend, \
+            Client.connect(backend.config.admin_socket) as client:
         backend._lock.acquire()  # a long request holds the device
         try:
             started = time.monotonic()
@@ -54,9 +35,92 @@ def test_key_program_answers_device_busy_when_the_device_stays_held(backend: Bac
         assert client.program_key(user) is KeyStatus.PROG_SUCCESS
 
 
-def test_requests_queued_at_shutdown_are_refused_not_run(backend: Backend) -> None:
-    backend._close_controller()  # what the stop path does before the executor drains
-    with Client.connect(backend.config.admin_socket) as client, \
-            pytest.raises(RemoteError, match="shutting down") as info:
-        client.flush()
-    assert info.value.code == ErrorCode.STATE
+def test_requests_queued_at_shutdown_are_refused_not_run(tmp_path: Path) -> None:
+    with served(new_controller(tmp_path), tmp_path) as backend:
+        backend._close_controller()  # what the stop path does before the executor drains
+        with Client.connect(backend.config.admin_socket) as client, \
+                pytest.raises(RemoteError, match="shutting down") as info:
+            client.flush()
+        assert info.value.code == ErrorCode.STATE
+
+
+# -- errors to the guest name no host path ------------------------------------------------------
+
+class FailingFlush:
+    """The real controller, but flush fails as a full disk makes it fail (with a host path)."""
+
+    def __init__(self, inner: MemoryController, error: Exception) -> None:
+        self._inner, self._error = inner, error
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def flush(self, *args: int) -> int:
+        raise self._error
+
+
+def _disk_full(path: Path, wrapped: bool) -> Exception:
+    cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if not wrapped:
+        return cause
+    try:
+        raise StateError(f"cannot write {path}: {cause.strerror}") from cause
+    except StateError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_an_io_error_reaches_the_guest_without_host_paths(tmp_path: Path, wrapped: bool,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    tmp_file = tmp_path / "state" / "metadata.tmp"
+    controller = FailingFlush(new_controller(tmp_path), _disk_full(tmp_file, wrapped))
+    with served(controller, tmp_path) as backend, caplog.at_level(logging.ERROR):
+        assert backend.config.guest_socket is not None
+        with Client.connect(backend.config.guest_socket, 30) as guest, pytest.raises(RemoteError) as info:
+            guest.flush()
+        assert info.value.code == ErrorCode.INTERNAL
+        assert str(tmp_path) not in str(info.value) and "metadata.tmp" not in str(info.value)
+        assert "No space left on device" in str(info.value)
+        with Client.connect(backend.config.admin_socket, 30) as admin, pytest.raises(RemoteError) as host:
+            admin.flush()
+        assert "metadata.tmp" in str(host.value)  # the host's own tools may see it
+    assert "metadata.tmp" in caplog.text  # and the log keeps the detail
+
+
+# -- sockets: only its own are unlinked ----------------------------------------------------------
+
+def test_a_second_backend_on_the_same_sockets_is_refused_and_unlinks_nothing(tmp_path: Path) -> None:
+    with served(new_controller(tmp_path / "one"), tmp_path) as first:
+        inode = os.stat(first.config.admin_socket).st_ino
+        with pytest.raises(StateError, match="another backend is serving"), \
+                served(new_controller(tmp_path / "two"), tmp_path):
+            pass
+        assert os.stat(first.config.admin_socket).st_ino == inode
+        with Client.connect(first.config.admin_socket, 30) as client:
+            assert client.features().role == 0
+
+
+def test_a_stale_socket_is_replaced_and_a_foreign_one_outlives_the_stop(tmp_path: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "admin.sock"))
+    stale.close()  # a crashed backend's leftover: nobody listens
+    foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with served(new_controller(tmp_path), tmp_path) as backend:
+            with Client.connect(backend.config.admin_socket, 30) as client:
+                assert client.features().role == 0
+            backend.config.admin_socket.unlink()  # someone else takes the path meanwhile
+            foreign.bind(str(backend.config.admin_socket))
+            foreign.listen()
+            foreign_inode = os.stat(backend.config.admin_socket).st_ino
+        assert os.stat(tmp_path / "admin.sock").st_ino == foreign_inode
+        assert not (tmp_path / "guest.sock").exists()  # its own socket is removed
+    finally:
+        foreign.close()
+
+
+def test_a_file_in_the_way_of_a_socket_is_not_replaced(tmp_path: Path) -> None:
+    (tmp_path / "guest.sock").write_text("not a socket")
+    with pytest.raises(StateError, match="not a socket"), served(new_controller(tmp_path), tmp_path):
+        pass
+    assert (tmp_path / "guest.sock").read_text() == "not a socket"

@@ -46,8 +46,8 @@ if os.environ["MKTME_BOOT"] == "0":
     buf.write(page)
     os.pwritev(fd, [buf], 0)
     os.close(fd)
-    assert client.flush(0, 4096) == 1
-    print("BOOT0 base", hex(client.config()["base"]), flush=True)
+    assert client.flush(0, 4096).written == 1
+    print("BOOT0 base", hex(client.config().base), flush=True)
     os.execvp("reboot", ["reboot"])
 fd = os.open("/dev/pmem0", os.O_RDONLY | os.O_DIRECT)
 buf = mmap.mmap(-1, 4096)
@@ -76,9 +76,9 @@ def test_reboot_power_cycles_the_emulated_nvdimm(tmp_path: Path,
     assert result.exit_code == 0, out[-2000:]
     assert result.boots == 2
     base = result.bases[0]
-    assert config["base"] == base and f"BOOT0 base {base:#x}" in out
+    assert config.base == base and f"BOOT0 base {base:#x}" in out
     assert "BOOT1 secret-visible False" in out
-    assert stats["power_cycles"] >= 2  # the reboot's RESET and the final SHUTDOWN
+    assert stats.power_cycles >= 2  # the reboot's RESET and the final SHUTDOWN
     media = (tmp_path / "state" / "media").read_bytes()[:4096]
     assert media == _xts(PAGE, base)  # spa tweak: the page's physical address
     assert not os.path.exists(backend.view_path)  # the view is removed at close
@@ -90,7 +90,7 @@ from mktme_emu.protocol import Client, FileTransport
 for name in ("org.mktme.control", "org.mktme.control.1"):
     client = Client(FileTransport(os.open("/dev/virtio-ports/" + name, os.O_RDWR)))
     config = client.config()
-    print("PORT", name, hex(config["base"]), config["size"], flush=True)
+    print("PORT", name, hex(config.base), config.size, flush=True)
 """
 
 
@@ -104,7 +104,7 @@ def test_two_emulated_nvdimms_each_with_its_base_and_port(tmp_path: Path,
         seen = []
         for backend in backends:
             with Client.connect(backend.control_socket) as client:
-                seen.append(client.config()["base"])
+                seen.append(client.config().base)
     finally:
         for backend in backends:
             backend.close()
@@ -134,14 +134,14 @@ assert program(c) is KeyStatus.PROG_SUCCESS
 c.map(0, 4096, 1)
 fd = os.open("/dev/pmem0", os.O_RDWR | os.O_SYNC)
 os.pwrite(fd, {PAGE!r}, 0)
-assert c.flush(0, 4096) == 1
+assert c.flush(0, 4096).written == 1
 c.transport.close()
 print("GUEST flushed", flush=True)
 deadline = time.monotonic() + 120
 while time.monotonic() < deadline:
     try:
         c = client()
-        locked = c.config()["locked_pages"]
+        locked = c.config().locked_pages
     except (MktmeError, OSError):
         time.sleep(0.5)
         continue
@@ -153,7 +153,7 @@ else:
     sys.exit(5)
 print("GUEST reattached locked", locked, flush=True)
 assert program(c) is KeyStatus.PROG_SUCCESS
-print("GUEST unlocked", c.config()["locked_pages"], os.pread(fd, 4096, 0) == {PAGE!r}, flush=True)
+print("GUEST unlocked", c.config().locked_pages, os.pread(fd, 4096, 0) == {PAGE!r}, flush=True)
 """
 
 
@@ -175,7 +175,7 @@ def test_restarted_backend_is_reattached_without_a_reboot(tmp_path: Path,
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and thread.is_alive():
             with Client.connect(first.control_socket) as client:
-                if client.stats()["pages_written_back"] >= 1:
+                if client.stats().pages_written_back >= 1:
                     break
             time.sleep(0.2)
         first.kill()

@@ -120,7 +120,7 @@ def _add_status(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 def _status(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        info = {**client.config(), **client.stats()}
+        info = {**client.config().as_dict(), **client.stats().as_dict()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -187,8 +187,9 @@ def _add_flush(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _flush(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        written = client.flush(args.offset, args.length)
-    print(f"{written} pages written back")
+        flushed = client.flush(args.offset, args.length)
+    print(f"{flushed.written} pages written back"
+          + (f", {flushed.unwritable} not (their KeyID's key is lost)" if flushed.unwritable else ""))
     return 0
 
 
@@ -231,7 +232,7 @@ def _inspect(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         offset = args.offset
         if args.pa is not None:
-            base = int(client.config()["base"])  # type: ignore[call-overload]
+            base = client.config().base
             offset = args.pa - base
             if offset < 0:
                 raise ConfigError(f"physical address {args.pa:#x} is below the NVDIMM base {base:#x}")

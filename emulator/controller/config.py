@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,20 +9,12 @@ from pathlib import Path
 from ..crypto import DEFAULT_UNIT, check_unit
 from ..errors import ConfigError, CryptoError
 from ..keytable import DEFAULT_KEYID_BITS, MAX_KEYID_BITS, MIN_KEYID_BITS, TmePolicy
+from ..vocabulary import TweakMode  # re-exported: the wire and the guest share it
 
 PAGE_SIZE = 4096
 # QEMU places the NVDIMM label area at the end of the backing memory; the
 # kernel wants namespaces aligned to 2 MiB for fsdax, so the data area is too.
 SIZE_ALIGN = 2 * 1024 * 1024
-
-
-class TweakMode(enum.Enum):
-    """Where a data unit's XTS tweak comes from (SPEC section 3)."""
-
-    SPA = "spa"  # system physical address: base + offset
-    DPA = "dpa"  # offset inside the DIMM
-    LOGICAL = "logical"  # given by the guest per mapped page
-    DUN = "dun"  # given per mapped page, one 4096-byte data unit per page (fscrypt's DUN)
 
 
 @dataclass(frozen=True)

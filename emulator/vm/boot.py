@@ -24,8 +24,9 @@ from mktme_emu.vm.kernel import cache_dir, fetch_kernel
 from mktme_emu.vm.launcher import NvdimmBackend, PlainNvdimm, RunRequest, VmResult, run_vm, spec_of
 from mktme_emu.vm.net import GUEST_NET_MODULES, NetOptions, NetPlan, open_network, plan_network
 from mktme_emu.vm.qemu import QEMU, VmConfig, probe_kvm, profile_path
+from mktme_emu.vocabulary import NAMESPACE_MODES
 
-NS_MODES = ("fsdax", "devdax", "raw")
+NS_MODES = NAMESPACE_MODES  # the guest phases use the same names
 ACCEL_PROBE_TTL = 24 * 3600.0
 Progress = Callable[[str], None]
 

@@ -56,9 +56,9 @@ class EmulatedNvdimm:
         except MktmeError:
             self.close()
             raise
-        self.view_path = Path(str(config["view"]))
-        self.data_size = int(config["size"])  # type: ignore[call-overload]
-        self.label_size = int(config["label_size"])  # type: ignore[call-overload]
+        self.view_path = Path(str(config.view))
+        self.data_size = config.size
+        self.label_size = config.label_size
         self.guest_socket: Path | None = self.control_socket.parent / "guest.sock"
         self.state_dir = self.control_socket.parent
 
