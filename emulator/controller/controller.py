@@ -170,15 +170,22 @@ class MemoryController:
         self.refill([(d0, d1)])
 
     def power_cycle(self) -> None:
-        """Write back everything, forget keys, every page back to KeyID 0, refill."""
+        """Write back everything, forget keys, every page back to KeyID 0, refill.
+
+        The reset page table is persisted (fill pending) before any key is
+        forgotten: if that fails, nothing changed and the keys still work.
+        """
         self.view.check()
         self._move.write_back(0, self.config.pages)
         self._save_label()
         self.media.sync()
+        everything = [(0, self.config.pages)]
+        with self.pages.undo_on_error():
+            self.pages.reset()
+            self._persist(pending=everything, kinds=[SlotKind.TME] * self.keys.keyid_count)
         self.keys.power_cycle()
-        self.pages.reset()
         self.stats.power_cycles += 1
-        self.refill([(0, self.config.pages)])
+        self.finish_fill(everything)
 
     def set_base(self, base: int) -> None:
         """The NVDIMM's guest physical base (from QMP); a move is logged and refills."""
@@ -192,8 +199,14 @@ class MemoryController:
                     if self.config.tweak is TweakMode.SPA else "")
         self._move.write_back(0, self.config.pages)
         self.media.sync()
-        self._move.base = base
-        self.refill([(0, self.config.pages)])
+        old, self._move.base = self.base, base
+        everything = [(0, self.config.pages)]
+        try:
+            self._persist(pending=everything)
+        except BaseException:
+            self._move.base = old  # memory stays as the disk has it
+            raise
+        self.finish_fill(everything)
 
     def inspect(self, offset: int, count: int = 1) -> list[PageInfo]:
         """Per-page KeyID, kind, lock and whether media == write-back(view)."""
