@@ -47,10 +47,14 @@ Rule = Callable[[Call], str | None]
 
 
 class FaultyIO(FileIO):
-    """The real OS, with a fault where ``rule`` says.  ``calls`` logs every durable call."""
+    """The real OS, with a fault where ``rule`` says.  ``calls`` logs every durable call.
 
-    def __init__(self, rule: Rule | None = None) -> None:
+    ``sync`` False skips the real fsyncs (tests that never lose power, only faster).
+    """
+
+    def __init__(self, rule: Rule | None = None, sync: bool = True) -> None:
         self.rule = rule
+        self.sync = sync
         self.calls: list[Call] = []
         self.dead = False
         self.fired: Call | None = None
@@ -127,7 +131,8 @@ class FaultyIO(FileIO):
         self._leave(action)
 
     def _synced(self, fd: int) -> None:
-        os.fsync(fd)
+        if self.sync:
+            os.fsync(fd)
 
     def ftruncate(self, fd: int, size: int) -> None:
         action = self._enter("ftruncate", self.path_of(fd), size=size)

@@ -344,7 +344,7 @@ OPERATIONS: dict[str, Callable[[MemoryController], object]] = {
 
 
 def count_calls(tmp_path: Path, operation: str) -> tuple[int, int]:
-    io = FaultyIO()
+    io = FaultyIO(sync=False)
     c, _ = prepared(tmp_path / "count", io)
     first = len(io.calls)
     OPERATIONS[operation](c)
@@ -361,7 +361,7 @@ def test_a_fault_at_any_call_is_reported_and_leaves_a_consistent_device(
     for action in ("eio", "enospc", "short"):
         for index in range(first + 1, last + 1):
             root = tmp_path / f"{action}-{index}"
-            io = FaultyIO(at_call(index, action))
+            io = FaultyIO(at_call(index, action), sync=False)
             c, new = prepared(root, io)
             try:
                 OPERATIONS[operation](c)
