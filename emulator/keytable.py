@@ -250,10 +250,6 @@ class KeyTable:
         if self._platform_key is not None:
             self._platform_key.wipe()
 
-    def restore_no_encrypt(self, keyid: int) -> None:
-        """Re-establish a NO_ENCRYPT KeyID after a backend restart (it has no key to lose)."""
-        self._slots[self._check(keyid)] = _Slot(SlotKind.NO_ENCRYPT, None)
-
     def _check(self, keyid: int) -> int:
         if not 0 <= keyid < self.keyid_count:
             raise KeyProgramError(f"KeyID {keyid} out of range 0..{self.keyid_count - 1}")
