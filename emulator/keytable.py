@@ -280,7 +280,11 @@ def _load_or_create_retained_key(path: Path, random: RandomSource) -> XtsKey:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return XtsKey(_create_retained_key(path, random))
+        fresh = _create_retained_key(path, random)
+        try:
+            return XtsKey(fresh)
+        finally:
+            fresh[:] = bytes(len(fresh))  # the XtsKey holds its own copy
     if len(raw) != 32 or raw[:16] == raw[16:]:
         raise ConfigError(f"{path}: damaged TME platform key file ({len(raw)} bytes); "
                           "move it away to start with a new key (retained data is then lost)")
