@@ -365,8 +365,8 @@ class Backend:
         return b""
 
     def _flush(self, req: p.FlushRequest, role: p.Role) -> bytes:
-        written = self.controller.flush(req.offset, req.length) if req.length else self.controller.flush()
-        return p.FlushReply(written=int(written), unwritable=0).pack()  # lead: FlushResult at merge
+        result = self.controller.flush(req.offset, req.length) if req.length else self.controller.flush()
+        return p.FlushReply(written=result.written, unwritable=result.unwritable).pack()
 
     def _relocate(self, req: p.RelocateRequest, role: p.Role) -> bytes:
         self.controller.relocate(req.src, req.dst, req.length, RelocateMode(req.mode.value))

@@ -14,14 +14,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from mktme_emu.controller import ControllerConfig, MemoryController
+from mktme_emu.controller import ControllerConfig, MemoryController, open_controller
 from mktme_emu.service import Backend, ServiceConfig
 
 SIZE, BASE = 4 << 20, 0x1_0000_0000
 
 
 def new_controller(root: Path) -> MemoryController:
-    return MemoryController(ControllerConfig(state_dir=root / "state", size=SIZE, base=BASE,
+    return open_controller(ControllerConfig(state_dir=root / "state", size=SIZE, base=BASE,
                                              view_path=root / "view"))
 
 
