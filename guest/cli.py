@@ -93,8 +93,8 @@ def _read_secret(path: str, option: str) -> str:
             with open(path, "rb") as f:
                 raw = f.read(MAX_KEY_TEXT + 1)
     except OSError as exc:
-        raise UsageError(f"{option}: cannot read {path}: {exc.strerror or exc}") from None
-    where = "stdin" if path == "-" else path
+        raise UsageError(f"{option}: cannot read the file: {exc.strerror or exc}") from None
+    where = "stdin" if path == "-" else "the file"  # never its name: a key typed there by mistake
     if len(raw) > MAX_KEY_TEXT:
         raise UsageError(f"{option}: {where} is longer than {MAX_KEY_TEXT} bytes: not a key file")
     try:
@@ -351,6 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # still one line (the type, never text that may quote input)
+        if args.verbose:
+            raise
+        print(f"mktme-guest: internal error ({type(exc).__name__}); run with -v for the traceback",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

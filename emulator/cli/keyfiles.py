@@ -28,8 +28,8 @@ def read_secret(path: str, option: str) -> str:
             with open(path, "rb") as f:
                 raw = f.read(MAX_KEY_TEXT + 1)
     except OSError as exc:
-        raise ConfigError(f"{option}: cannot read {path}: {exc.strerror or exc}") from None
-    where = "stdin" if path == "-" else path
+        raise ConfigError(f"{option}: cannot read the file: {exc.strerror or exc}") from None
+    where = "stdin" if path == "-" else "the file"  # never its name: a key typed there by mistake
     if len(raw) > MAX_KEY_TEXT:
         raise ConfigError(f"{option}: {where} is longer than {MAX_KEY_TEXT} bytes: not a key file")
     try:

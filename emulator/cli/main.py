@@ -51,6 +51,11 @@ def _command_word(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the only place an exception becomes a message (one line) and a status.
+
+    An error nobody anticipated is still one line (its type, never its
+    text, which might quote input); ``-v`` shows the traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(_command_word(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -59,11 +64,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except MktmeError as exc:
         print(f"mktme-emu: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return EXIT_ERROR
+        pass
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mktme-emu: {where}{exc.strerror or type(exc).__name__}", file=sys.stderr)
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"mktme-emu: internal error ({type(exc).__name__}); run with -v for the traceback",
+              file=sys.stderr)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":
