@@ -70,6 +70,32 @@ def test_key_files_and_stdin_program_the_same_key(backends, tmp_path: Path) -> N
         _media_is_under_the_key(b, keyid, keyid)
 
 
+def _guest(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    guest = Path(mktme_emu_command()[0]).with_name("mktme-guest")
+    command = [str(guest)] if guest.exists() else [sys.executable, "-m", "mktme_guest.cli"]
+    return subprocess.run([*command, *args], input=stdin, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_guest_key_files_and_refusals(backends, tmp_path: Path) -> None:
+    """mktme-guest reads keys from files and stdin too, and explains a refusal in one line."""
+    b = backends()
+    channel = f"unix:{b.guest_socket}"
+    user_file = tmp_path / "user.key"
+    user_file.write_text(USER)
+    ok = [_guest("--channel", channel, "key", "--keyid", "5", "--user-file", str(user_file)),
+          _guest("--channel", channel, "key", "--keyid", "6", "--options-file", "-", stdin=OPTIONS)]
+    for result in ok:
+        assert result.returncode == 0 and result.stdout.strip() == "PROG_SUCCESS", result.stderr
+    for keyid in (5, 6):
+        _media_is_under_the_key(b, keyid, keyid)
+    refused = _guest("--channel", channel, "key", "--keyid", "0", "--user-file", str(user_file))
+    assert refused.returncode == 1 and refused.stdout.strip() == "INVALID_KEYID"
+    assert refused.stderr.strip().splitlines() == [
+        "mktme-guest: programming KeyID 0 failed: INVALID_KEYID: KeyID 0 is the TME KeyID; "
+        "1..63 are programmable"]
+
+
 def test_refused_status_says_why(backends, tmp_path: Path) -> None:
     b = backends()
     sock = str(b.admin_socket)

@@ -244,3 +244,61 @@ def test_streams_512_mib_in_constant_memory(unit: int) -> None:
     assert bytes.fromhex(report["head"]) == reference_xts(key, bytes(4096), base, unit)
     tail_base = base + STREAM_SIZE - 4096
     assert bytes.fromhex(report["tail"]) == reference_xts(key, bytes(4096), tail_base, unit)
+
+
+# -- the library function behind the command ---------------------------------------------------
+
+class _FailingSink:
+    """Takes the first write, then fails as a closed pipe does."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: memoryview) -> int:
+        self.writes += 1
+        if self.writes > 1:
+            raise BrokenPipeError("reader went away")
+        return len(data)
+
+
+class _FailingSource:
+    """Gives one chunk of zeros, then an I/O error."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def readinto(self, buffer: memoryview) -> int:
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError(5, "Input/output error")
+        buffer[:] = bytes(len(buffer))
+        return len(buffer)
+
+
+def test_stream_api_matches_the_reference_in_both_steps() -> None:
+    import io
+
+    from mktme_emu.crypto import XtsKey
+    from mktme_emu.xts_stream import TweakStep, xts_stream
+
+    key = random_key(random.Random("api"), 32)
+    plain = random.Random("api-data").randbytes(4096 * 3)
+    for step, tweaks in ((TweakStep.ADDRESS, [0x1000 + i * 4096 for i in range(3)]),
+                         (TweakStep.DUN, [0x1000 + i for i in range(3)])):
+        out = io.BytesIO()
+        count = xts_stream(XtsKey(key), io.BytesIO(plain), out, 0x1000, unit=4096, tweak_step=step)
+        assert count == len(plain)
+        assert out.getvalue() == xts_reference(key, plain, tweaks, 4096)
+
+
+def test_stream_api_raises_the_errors_of_its_files() -> None:
+    import io
+
+    from mktme_emu.crypto import XtsKey
+    from mktme_emu.xts_stream import xts_stream
+
+    key = XtsKey(random_key(random.Random("err"), 32))
+    with pytest.raises(BrokenPipeError):
+        xts_stream(key, io.BytesIO(bytes(16 << 20)), _FailingSink(), 0)
+    with pytest.raises(OSError, match="Input/output error"):
+        xts_stream(key, _FailingSource(), io.BytesIO(), 0)
