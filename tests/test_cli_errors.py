@@ -30,7 +30,7 @@ MISSING = "/nonexistent/mktme-fuzz/key"
 RUNNER = r"""
 import contextlib, io, json, logging, sys, traceback
 from mktme_emu.cli.main import build_parser, main as host_main, _command_word
-from mktme_guest.cli import main as guest_main
+from mktme_guest.cli import build_parser as guest_parser, main as guest_main
 
 cases = json.load(open(sys.argv[1]))
 results = []
@@ -40,7 +40,8 @@ for tool, argv, parse_only in cases:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             if parse_only:
-                build_parser(_command_word(argv)).parse_args(argv)
+                parser = build_parser(_command_word(argv)) if tool == "host" else guest_parser()
+                parser.parse_args(argv)
                 code = 0
             else:
                 code = (host_main if tool == "host" else guest_main)(argv)
@@ -60,7 +61,7 @@ def secret(rng: random.Random) -> str:
     return f"{text}:{rng.randbytes(16).hex()}" if rng.random() < 0.3 else text
 
 
-BAD_NUMBERS = ("12x", "0xZZ", "", "-", "1.5", "one", "0x", "4K4", "0b2", "--")
+BAD_NUMBERS = ("12x", "0xZZ", "", "-", "1.5.2", "one", "0x", "4K4", "0b2", "--")
 # (value, options it is out of range for): refused by the command, not by argparse.
 OUT_OF_RANGE = {
     "--keyid": ("99999", "-1", "65536", str(1 << 70), "64", "0"),
@@ -75,7 +76,8 @@ OUT_OF_RANGE = {
 # Options whose values argparse or the command checks: the only ones mutated in
 # command lines that must not run when valid (serve would serve, boot would boot).
 CHECKED = {"--size", "--unit", "--keyid-bits", "--base", "--label-size", "--tme", "--tweak",
-           "--accel", "--nvdimm-size", "--cpus", "--memory", "--timeout", "--ns"}
+           "--accel", "--nvdimm-size", "--cpus", "--memory", "--timeout", "--ns", "--pages",
+           "--seed", "--alg", "--offset"}
 # Options naming a file or socket: their errors say which path failed, so a key
 # typed there is echoed; only the key-file options hide their path.
 PATH_OPTIONS = {"--channel", "--file", "--state-dir", "--view", "--package", "--socket"}
@@ -127,10 +129,15 @@ def templates(tmp: Path) -> list[tuple[str, list[str], bool, bool]]:
         ["--channel", CHANNEL, "inspect", "--pa", "0x100000000", "--length", "4K"],
         ["--channel", CHANNEL, "resolve", "--file", MISSING, "--json"],
     ]
+    phases = [  # they run mkfs, mount and the like: parse only
+        ["phase", "devdax", "--pages", "16", "--seed", "3", "--offset", "4M", "--alg", "aes-xts-128"],
+        ["phase", "relocation", "--pages", "4"],
+    ]
     return ([("host", argv, False, True) for argv in host]
             + [("host", serve, False, False)]
             + [("host", argv, True, False) for argv in vm]
-            + [("guest", argv, False, True) for argv in guest])
+            + [("guest", argv, False, True) for argv in guest]
+            + [("guest", argv, True, False) for argv in phases])
 
 
 def _value_positions(argv: list[str], runnable: bool) -> list[int]:
@@ -167,7 +174,7 @@ def mutate(rng: random.Random, argv: list[str], runnable: bool) -> tuple[list[st
         kind = "bad-number"
     i = rng.choice(values)
     if kind == "bad-number":
-        argv[i] = rng.choice(BAD_NUMBERS) + (key[:8] if rng.random() < 0.5 else "")
+        argv[i] = rng.choice(BAD_NUMBERS) + ("q" + key[:8] if rng.random() < 0.5 else "")
         return argv, None
     if kind == "key-as-value":
         argv[i] = key
