@@ -10,7 +10,8 @@ cannot run on the host says so in an HTML comment on the line before it::
     <!-- readme-test: vm (boots a VM) -->
 
 with the kinds ``vm`` (boots a VM: covered by the VM tests), ``guest`` (runs
-inside a VM) and ``output`` (what a command prints).  Anything a block left
+inside a VM), ``slow`` (takes minutes: ``make test``, ``make bench``; covered
+by running them) and ``output`` (what a command prints).  Anything a block left
 running is killed afterwards (and fails the test).
 """
 
@@ -29,7 +30,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MARKER = re.compile(r"^<!--\s*readme-test:\s*(\w+)\b.*-->\s*$")
-SKIP_KINDS = {"vm", "guest", "output"}
+SKIP_KINDS = {"vm", "guest", "slow", "output"}
 VENV = Path(sys.executable).parent.parent
 
 
