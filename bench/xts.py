@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 from mktme_emu.crypto import XtsEngine, XtsKey, XtsPool
 
@@ -43,3 +47,57 @@ def run(quick: bool = False) -> None:
                 line(f"xts-{bits} {direction} unit {unit} ({pool.workers} cores)",
                      size / seconds / 1e9, "GB/s", reference, "openssl")
             pool.close()
+    run_stream(quick)
+
+
+# -- mktme-emu xts, streaming --------------------------------------------------------------
+
+STREAM_RATIO_TARGET = 1 / 1.3  # the command's throughput within 1.3x of the engine's
+STREAM_RSS_LIMIT = 64 << 20
+
+
+def _run_cli(args: list[str], src: str) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one `mktme-emu xts` run from a file to /dev/null."""
+    cmd = [str(Path(sys.executable).with_name("mktme-emu")), "xts", *args]
+    with open(src, "rb") as stdin, open(os.devnull, "wb") as stdout:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"mktme-emu xts exited with {proc.returncode}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def _measure_command(unit: int, src: str, empty: str) -> tuple[float, float, int]:
+    """Best wall time on ``src``, best start-up time (empty input), peak RSS of the runs."""
+    args = ["--encrypt", "--key", os.urandom(32).hex(), "--tweak-base", "0", "--unit", str(unit)]
+    start_up = min(_run_cli(args, empty)[0] for _ in range(2))
+    runs = [_run_cli(args, src) for _ in range(2)]
+    return min(s for s, _ in runs), start_up, max(peak for _, peak in runs)
+
+
+def run_stream(quick: bool = False) -> None:
+    """`mktme-emu xts` on a file of zeros against the engine (the pool, as the command uses
+    it) on the same bytes in memory; start-up is measured on empty input and left out."""
+    size = (128 if quick else 512) << 20
+    key = XtsKey(os.urandom(32))
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+        src, empty = os.path.join(tmp, "zeros"), os.path.join(tmp, "empty")
+        with open(src, "wb") as f:
+            f.truncate(size)
+        open(empty, "wb").close()
+        commands = {unit: _measure_command(unit, src, empty) for unit in (64, 4096)}
+        data = memoryview(bytearray(size))  # after the commands: a fork would count it as theirs
+        for unit, (wall, start_up, rss) in commands.items():
+            pool = XtsPool(unit)
+            engine = size / best_of(2, lambda p=pool: p.encrypt_into(key, data, data, 0)) / 1e9
+            pool.close()
+            line(f"xts command unit {unit}, with start-up", size / wall / 1e9, "GB/s",
+                 engine, "engine")
+            line(f"xts command unit {unit}, start-up excluded", size / (wall - start_up) / 1e9,
+                 "GB/s", engine, "engine", STREAM_RATIO_TARGET)
+            line(f"xts command unit {unit}, peak RSS", rss / 2**20, "MiB", STREAM_RSS_LIMIT / 2**20,
+                 "limit")
+        line("xts command start-up (empty input)", commands[64][1], "s")

@@ -25,8 +25,11 @@ KEY_FIELD_SIZE = 64
 _HEADER = struct.Struct("<HI")
 
 
+KEYID_FIELD_MAX = 0xFFFF  # KEYID is a u16 in the struct
+
+
 class KeyStatus(enum.IntEnum):
-    """PCONFIG MKTME_KEY_PROGRAM return codes."""
+    """PCONFIG MKTME_KEY_PROGRAM return codes, each with why it is returned."""
 
     PROG_SUCCESS = 0
     INVALID_PROG_CMD = 1
@@ -34,6 +37,40 @@ class KeyStatus(enum.IntEnum):
     INVALID_KEYID = 3
     INVALID_ENC_ALG = 4
     DEVICE_BUSY = 5
+
+    def explain(self, program: KeyProgram | None = None, keyid_count: int | None = None) -> str:
+        """Why PCONFIG answered this, in words, as ``NAME: reason`` (one line, no key material).
+
+        ``program`` is the struct that was sent and ``keyid_count`` the
+        device's 2^keyid_bits, both optional: with them the reason names the
+        KeyID and the programmable range.
+        """
+        programmable = f"1..{keyid_count - 1} are programmable" if keyid_count else ""
+        if self is KeyStatus.INVALID_KEYID and program is not None:
+            if program.keyid == 0:
+                reason = "KeyID 0 is the TME KeyID"
+            else:
+                reason = f"KeyID {program.keyid} is out of range"
+            reason = f"{reason}; {programmable}" if programmable else reason
+        elif (self is KeyStatus.INVALID_PROG_CMD and program is not None
+              and program.command == KeyCommand.SET_KEY_DIRECT
+              and program.key_field_1 == program.key_field_2):
+            reason = "the data key equals the tweak key, which XTS forbids"
+        else:
+            reason = _STATUS_REASONS[self]
+        return f"{self.name}: {reason}"
+
+
+_STATUS_REASONS = {
+    KeyStatus.PROG_SUCCESS: "the KeyID is programmed",
+    KeyStatus.INVALID_PROG_CMD: "unknown command, reserved KEYID_CTRL bits set, or the data key "
+                                "equals the tweak key",
+    KeyStatus.ENTROPY_ERROR: "the platform could not draw fresh randomness for the key; try again",
+    KeyStatus.INVALID_KEYID: "the KeyID is 0 (the TME KeyID) or beyond the device's KeyID bits",
+    KeyStatus.INVALID_ENC_ALG: "the algorithm field must have exactly one supported bit: "
+                               "AES-XTS-128 (bit 0) or AES-XTS-256 (bit 2)",
+    KeyStatus.DEVICE_BUSY: "another key program is in progress; try again",
+}
 
 
 class KeyCommand(enum.IntEnum):
@@ -133,7 +170,14 @@ def parse_key_options(keyid: int, options: str) -> KeyProgram:
 
 def build_program(keyid: int, command: KeyCommand, alg: Algorithm,
                   key_hex: str | None = None, tweak_hex: str | None = None) -> KeyProgram:
-    """A struct for one command, checking key field presence and sizes."""
+    """A struct for one command; refuses what cannot be encoded or sent.
+
+    Checks that the KeyID fits its u16 field and the key fields' presence and
+    sizes; whether the device has that KeyID is PCONFIG's answer, not ours.
+    """
+    if not 0 <= keyid <= KEYID_FIELD_MAX:
+        raise KeyProgramError(f"KeyID {keyid} is out of range: the KEYID field holds 0..65535, "
+                              "and a device programs 1..2^keyid_bits-1")
     needs_keys = command is KeyCommand.SET_KEY_DIRECT
     takes_keys = command in (KeyCommand.SET_KEY_DIRECT, KeyCommand.SET_KEY_RANDOM)
     if needs_keys and (key_hex is None or tweak_hex is None):

@@ -15,12 +15,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mktme_emu.protocol import INSPECT_MAX_PAGES, Client, KeyStatus, key_program_from_choice
+from mktme_emu.protocol import (
+    INSPECT_MAX_PAGES,
+    Client,
+    KeyProgram,
+    KeyStatus,
+    key_program_from_choice,
+)
 
 from . import channel, dax, phases, physaddr, system
 from .argtypes import integer, size
 from .errors import KeyRefused, MktmeError, UsageError
 from .physaddr import PAGE_SIZE, Extent
+from .usage import OneLineParser
+
+MAX_KEY_TEXT = 4096  # far more than any key form: a wrong file is refused, not slurped
 
 EXIT_ERROR = 1
 
@@ -62,38 +71,72 @@ def _status(args: argparse.Namespace) -> int:
 def _add_key_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--keyid", required=True, type=integer)
     what = cmd.add_mutually_exclusive_group(required=True)
-    what.add_argument("--user", metavar="KEYHEX:TWEAKHEX", help="SET_KEY_DIRECT with these keys")
+    what.add_argument("--user", metavar="KEYHEX:TWEAKHEX", help="SET_KEY_DIRECT with these keys "
+                      "(visible in the process list: prefer --user-file)")
+    what.add_argument("--user-file", metavar="FILE", help="KEYHEX:TWEAKHEX read from FILE (- = stdin)")
     what.add_argument("--random", action="store_true", help="SET_KEY_RANDOM (the key never leaves)")
     what.add_argument("--clear", action="store_true", help="CLEAR_KEY: back to TME behaviour")
     what.add_argument("--no-encrypt", action="store_true", help="NO_ENCRYPT: the media as it is")
     what.add_argument("--options", help='Linux key-service form: "type=user algorithm=aes-xts-128 '
                       'key=HEX tweak=HEX" (type: user, cpu, clear, no-encrypt)')
+    what.add_argument("--options-file", metavar="FILE", help="the --options text read from FILE "
+                      "(- = stdin)")
     cmd.add_argument("--alg", default="aes-xts-128", choices=["aes-xts-128", "aes-xts-256"])
 
 
-def _program(args: argparse.Namespace, client: Client) -> KeyStatus:
-    """Build the struct from the options and program it; the PCONFIG status."""
-    return client.program_key(key_program_from_choice(
-        args.keyid, args.alg, user=args.user, random=args.random, clear=args.clear,
-        options=args.options))
+def _read_secret(path: str, option: str) -> str:
+    """A key file's text (``-`` = stdin), stripped; errors name the path, never the content."""
+    try:
+        if path == "-":
+            raw = sys.stdin.buffer.read(MAX_KEY_TEXT + 1)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_KEY_TEXT + 1)
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot read the file: {exc.strerror or exc}") from None
+    where = "stdin" if path == "-" else "the file"  # never its name: a key typed there by mistake
+    if len(raw) > MAX_KEY_TEXT:
+        raise UsageError(f"{option}: {where} is longer than {MAX_KEY_TEXT} bytes: not a key file")
+    try:
+        return raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"{option}: {where} is not text") from None
+
+
+def _key_program(args: argparse.Namespace) -> KeyProgram:
+    """The struct the options describe (reading a key file if one is named)."""
+    user = _read_secret(args.user_file, "--user-file") if args.user_file else args.user
+    options = (_read_secret(args.options_file, "--options-file") if args.options_file
+               else args.options)
+    return key_program_from_choice(args.keyid, args.alg, user=user, random=args.random,
+                                   clear=args.clear, options=options)
+
+
+def _refused(client: Client, program: KeyProgram, status: KeyStatus) -> KeyRefused:
+    """KeyRefused whose message says why, with the device's KeyID range."""
+    keyid_count = 1 << client.config().keyid_bits
+    return KeyRefused(program.keyid, status, status.explain(program, keyid_count))
 
 
 def _key(args: argparse.Namespace) -> int:
     """Print the status (scripts read it); KeyRefused (exit 1) unless PROG_SUCCESS."""
+    program = _key_program(args)
     with _connect(args) as client:
-        status = _program(args, client)
+        status = client.program_key(program)
+        refused = None if status is KeyStatus.PROG_SUCCESS else _refused(client, program, status)
     print(status.name)
-    if status is not KeyStatus.PROG_SUCCESS:
-        raise KeyRefused(args.keyid, status)
+    if refused is not None:
+        raise refused
     return 0
 
 
 def _namespace_key(args: argparse.Namespace) -> int:
     device = args.device or system.default_device()
+    program = _key_program(args)
     with _connect(args) as client:
-        status = _program(args, client)
+        status = client.program_key(program)
         if status is not KeyStatus.PROG_SUCCESS:
-            raise KeyRefused(args.keyid, status)
+            raise _refused(client, program, status)
         extents = dax.map_namespace(device, args.keyid, client=client)
         base = dax.DataArea.of(client).base
     system.drop_caches(device)
@@ -268,7 +311,7 @@ def _add_range_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: global options, the commands, ``phase NAME``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mktme-guest",
         description="Inside an mktme-emu VM: program MKTME keys, map DAX memory with KeyIDs, "
                     "flush, relocate, inspect, and run the guest phases of the scenarios.")
@@ -308,6 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # still one line (the type, never text that may quote input)
+        if args.verbose:
+            raise
+        print(f"mktme-guest: internal error ({type(exc).__name__}); run with -v for the traceback",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -58,10 +58,13 @@ class PhaseError(GuestError):
 
 
 class KeyRefused(GuestError):
-    """PCONFIG answered something other than PROG_SUCCESS; ``status`` is its KeyStatus."""
+    """PCONFIG answered something other than PROG_SUCCESS; ``status`` is its KeyStatus.
 
-    def __init__(self, keyid: int, status: object) -> None:
+    ``reason`` is the status explained in words (``KeyStatus.explain``), when known.
+    """
+
+    def __init__(self, keyid: int, status: object, reason: str = "") -> None:
         name = getattr(status, "name", str(status))
-        super().__init__(f"programming KeyID {keyid} failed: {name}")
+        super().__init__(f"programming KeyID {keyid} failed: {reason or name}")
         self.keyid = keyid
         self.status = status

@@ -1,12 +1,15 @@
-"""Tests for ``mktme-emu xts`` (SPEC section 5): stdin to stdout, run as a real subprocess.
+"""Tests for ``mktme-emu xts``: stdin to stdout, run as a real subprocess.
 
 It must reproduce the IEEE 1619 vectors from the command line and agree with
-the independent per-unit reference; a bad key or input exits non-zero with one
-line on stderr, nothing on stdout, and never the key.
+the independent per-unit reference, with the key inline (concatenated or
+DATAKEY:TWEAKKEY) or in a file, with either tweak step; a bad key or input
+exits non-zero with one line on stderr, nothing on stdout, and never the key.
+It streams: 512 MiB through a pipe in at most 64 MiB of memory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -16,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from backend_helpers import xts_fast, xts_reference
 from test_crypto import IEEE1619_VECTORS, MASK64, Vector, carry_base, random_key, reference_xts
 
 
@@ -69,6 +73,33 @@ _large = ["--key", LARGE_KEY.hex(), "--tweak-base", hex(LARGE_BASE), "--unit", "
 RUNS["large encrypt"] = (["--encrypt", *_large], LARGE_PT)
 RUNS["large decrypt"] = (["--decrypt", *_large], LARGE_CT)
 
+# The DATAKEY:TWEAKKEY form and a key file give what the concatenated form gives.
+COLON_KEY = random_key(_rng, 64)
+COLON_PT = _rng.randbytes(64 * 9)
+COLON_TEXT = f"{COLON_KEY[:32].hex()}:{COLON_KEY[32:].hex()}"
+RUNS["colon key"] = (["--encrypt", "--key", COLON_TEXT, "--tweak-base", "0x140000000"], COLON_PT)
+KEY_FILE = Path(os.environ.get("TMPDIR", "/tmp")) / f"mktme-test-xts-{os.getpid()}.key"
+RUNS["key file"] = (["--encrypt", "--key-file", str(KEY_FILE), "--tweak-base", "0x140000000"],
+                    COLON_PT)
+
+# Data unit numbers: unit i uses tweak base + i (fscrypt IV_INO_LBLK_64 with 4096-byte units).
+DUN_KEY = random_key(_rng, 32)
+DUN_BASE = (7 << 32) | 0xFFFF_FFFE  # the unit number carries into the inode half
+DUN_PT = _rng.randbytes(4096 * 5)
+DUN_CT = xts_reference(DUN_KEY, DUN_PT, [DUN_BASE + i for i in range(5)], 4096)
+_dun = ["--key", DUN_KEY.hex(), "--tweak-base", hex(DUN_BASE), "--unit", "4096", "--tweak-step", "dun"]
+RUNS["dun encrypt"] = (["--encrypt", *_dun], DUN_PT)
+RUNS["dun decrypt"] = (["--decrypt", *_dun], DUN_CT)
+
+# Several stream chunks (2 MiB each at 64-byte units) and a partial last unit after them.
+MULTI_KEY = random_key(_rng, 32)
+MULTI_PT = _rng.randbytes(5 * 1024 * 1024 + 64 * 3)
+MULTI_CT = xts_fast(MULTI_KEY, MULTI_PT, 0x1_0000_0000, 64)
+RUNS["multi chunk"] = (["--encrypt", "--key", MULTI_KEY.hex(), "--tweak-base", "0x100000000"],
+                       MULTI_PT)
+RUNS["partial after chunks"] = (["--encrypt", "--key", MULTI_KEY.hex(), "--tweak-base",
+                                 "0x100000000"], MULTI_PT + bytes(10))
+
 SECRET_HEX = "a1b2c3d4e5f60718293a4b5c6d7e8f900f1e2d3c4b5a69788796a5b4c3d2e1f0"
 REFUSALS = {
     "odd-hex": (["--key", SECRET_HEX[:-1]], bytes(64)),
@@ -80,6 +111,13 @@ REFUSALS = {
     "partial-unit": (["--key", SECRET_HEX], bytes(60)),
     "unit-48": (["--key", SECRET_HEX, "--unit", "48"], bytes(96)),
     "unit-8192": (["--key", SECRET_HEX, "--unit", "8192"], bytes(8192)),
+    "colon-equal-halves": (["--key", f"{SECRET_HEX[:32]}:{SECRET_HEX[:32]}"], bytes(64)),
+    "colon-uneven": (["--key", f"{SECRET_HEX[:32]}:{SECRET_HEX}"], bytes(64)),
+    "colon-short": (["--key", f"{SECRET_HEX[:30]}:{SECRET_HEX[32:62]}"], bytes(64)),
+    "colon-not-hex": (["--key", f"{SECRET_HEX[:32]}:zz{SECRET_HEX[34:64]}"], bytes(64)),
+    "key-file-stdin": (["--key-file", "-"], bytes(64)),
+    "key-file-missing": (["--key-file", f"/nonexistent/{SECRET_HEX}"], bytes(64)),
+    "tweak-step": (["--key", SECRET_HEX, "--tweak-step", "bytes"], bytes(64)),
 }
 for _name, (_args, _data) in REFUSALS.items():
     RUNS[f"refuse encrypt {_name}"] = (["--encrypt", "--tweak-base", "0", *_args], _data)
@@ -90,6 +128,14 @@ for _name in ("odd-hex", "48-bytes", "partial-unit"):
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, subprocess.CompletedProcess[bytes]]:
+    KEY_FILE.write_text(COLON_TEXT + "\n")
+    try:
+        return _run_all()
+    finally:
+        KEY_FILE.unlink()
+
+
+def _run_all() -> dict[str, subprocess.CompletedProcess[bytes]]:
     with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
         futures = {name: pool.submit(xts, *args, data=data) for name, (args, data) in RUNS.items()}
         return {name: future.result() for name, future in futures.items()}
@@ -124,3 +170,135 @@ def test_refusal_is_one_line(runs: dict[str, subprocess.CompletedProcess[bytes]]
     lowered = stderr.lower()
     for start in range(0, len(SECRET_HEX) - 12 + 1, 2):
         assert SECRET_HEX[start:start + 12] not in lowered, stderr
+
+
+def test_key_forms_and_key_file_agree(runs: dict[str, subprocess.CompletedProcess[bytes]]) -> None:
+    expected = reference_xts(COLON_KEY, COLON_PT, 0x140000000, 64)
+    assert assert_ok(runs["colon key"]) == expected
+    assert assert_ok(runs["key file"]) == expected
+
+
+def test_dun_tweak_step(runs: dict[str, subprocess.CompletedProcess[bytes]]) -> None:
+    assert assert_ok(runs["dun encrypt"]) == DUN_CT
+    assert assert_ok(runs["dun decrypt"]) == DUN_PT
+
+
+def test_stream_over_several_chunks(runs: dict[str, subprocess.CompletedProcess[bytes]]) -> None:
+    assert assert_ok(runs["multi chunk"]) == MULTI_CT
+    partial = runs["partial after chunks"]
+    assert partial.returncode == 1
+    assert partial.stdout == MULTI_CT  # every whole unit before the partial one
+    assert partial.stderr.decode().strip().splitlines() == [
+        f"mktme-emu: the input ends with 10 bytes, not a whole 64-byte data unit "
+        f"({len(MULTI_PT)} bytes before it were written)"]
+
+
+def test_refusals_say_why(runs: dict[str, subprocess.CompletedProcess[bytes]]) -> None:
+    said = {name: runs[f"refuse encrypt {name}"].stderr.decode() for name in REFUSALS}
+    assert "the data key equals the tweak key" in said["colon-equal-halves"]
+    assert "the data key equals the tweak key" in said["equal-halves"]
+    assert "the data key has 16 bytes and the tweak key 32" in said["colon-uneven"]
+    assert "must be 16 bytes (AES-XTS-128) or 32" in said["colon-short"]
+    assert "not hexadecimal" in said["colon-not-hex"]
+    assert "stdin carries the data" in said["key-file-stdin"]
+
+
+# A child that feeds SIZE zero bytes through a pipe to the command, reads its output
+# through a pipe, and reports its only child's peak RSS (RUSAGE_CHILDREN of a fresh
+# process, so no other child of the test run is counted) and the output's head and tail.
+STREAM_PROBE = r"""
+import json, resource, subprocess, sys, threading
+size, cmd = int(sys.argv[1]), sys.argv[2:]
+proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+def feed():
+    zeros = bytes(1 << 20)
+    for _ in range(size >> 20):
+        proc.stdin.write(zeros)
+    proc.stdin.close()
+threading.Thread(target=feed, daemon=True).start()
+count, head, tail = 0, b"", b""
+while chunk := proc.stdout.read(1 << 20):
+    if len(head) < 4096:
+        head += chunk[:4096 - len(head)]
+    tail = (tail + chunk)[-4096:]
+    count += len(chunk)
+rc = proc.wait()
+print(json.dumps({"rc": rc, "count": count, "head": head.hex(), "tail": tail.hex(),
+                  "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+STREAM_SIZE = 512 << 20
+MAX_RSS = 64 << 20
+
+
+@pytest.mark.parametrize("unit", [64, 4096])
+def test_streams_512_mib_in_constant_memory(unit: int) -> None:
+    key = random_key(random.Random(unit), 32)
+    base = 0x1_4000_0000
+    cmd = [*MKTME_EMU, "xts", "--encrypt", "--key", key.hex(), "--tweak-base", hex(base),
+           "--unit", str(unit)]
+    out = subprocess.run([sys.executable, "-c", STREAM_PROBE, str(STREAM_SIZE), *cmd],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    report = json.loads(out)
+    assert report["rc"] == 0 and report["count"] == STREAM_SIZE
+    assert report["maxrss_kib"] * 1024 <= MAX_RSS, report["maxrss_kib"]
+    assert bytes.fromhex(report["head"]) == reference_xts(key, bytes(4096), base, unit)
+    tail_base = base + STREAM_SIZE - 4096
+    assert bytes.fromhex(report["tail"]) == reference_xts(key, bytes(4096), tail_base, unit)
+
+
+# -- the library function behind the command ---------------------------------------------------
+
+class _FailingSink:
+    """Takes the first write, then fails as a closed pipe does."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: memoryview) -> int:
+        self.writes += 1
+        if self.writes > 1:
+            raise BrokenPipeError("reader went away")
+        return len(data)
+
+
+class _FailingSource:
+    """Gives one chunk of zeros, then an I/O error."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def readinto(self, buffer: memoryview) -> int:
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError(5, "Input/output error")
+        buffer[:] = bytes(len(buffer))
+        return len(buffer)
+
+
+def test_stream_api_matches_the_reference_in_both_steps() -> None:
+    import io
+
+    from mktme_emu.crypto import XtsKey
+    from mktme_emu.xts_stream import TweakStep, xts_stream
+
+    key = random_key(random.Random("api"), 32)
+    plain = random.Random("api-data").randbytes(4096 * 3)
+    for step, tweaks in ((TweakStep.ADDRESS, [0x1000 + i * 4096 for i in range(3)]),
+                         (TweakStep.DUN, [0x1000 + i for i in range(3)])):
+        out = io.BytesIO()
+        count = xts_stream(XtsKey(key), io.BytesIO(plain), out, 0x1000, unit=4096, tweak_step=step)
+        assert count == len(plain)
+        assert out.getvalue() == xts_reference(key, plain, tweaks, 4096)
+
+
+def test_stream_api_raises_the_errors_of_its_files() -> None:
+    import io
+
+    from mktme_emu.crypto import XtsKey
+    from mktme_emu.xts_stream import xts_stream
+
+    key = XtsKey(random_key(random.Random("err"), 32))
+    with pytest.raises(BrokenPipeError):
+        xts_stream(key, io.BytesIO(bytes(16 << 20)), _FailingSink(), 0)
+    with pytest.raises(OSError, match="Input/output error"):
+        xts_stream(key, _FailingSource(), io.BytesIO(), 0)

@@ -1,4 +1,8 @@
-"""The device commands: serve, status, key, map, flush, relocate, inspect, power-cycle, xts."""
+"""The device commands: serve, status, key, map, flush, relocate, inspect, power-cycle.
+
+``xts`` has a module of its own (:mod:`.xts_command`), light enough to stream
+in constant memory.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,17 @@ from pathlib import Path
 from .. import protocol as p
 from ..controller import ControllerConfig, TweakMode, open_controller
 from ..controller.persist import load_metadata
-from ..crypto import DEFAULT_UNIT, XtsKey, XtsPool
+from ..crypto import DEFAULT_UNIT
 from ..errors import ConfigError, StateError
+from ..hardening import harden_process
 from ..keytable import DEFAULT_KEYID_BITS, TmePolicy
 from ..service import ServiceConfig, run_backend
 from . import args as types
+from . import daemon, keyfiles, xts_command
 
 log = logging.getLogger("mktme_emu")
 ADMIN_SOCKET, GUEST_SOCKET = "control.sock", "guest.sock"
+SERVE_LOG = "serve.log"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,7 +39,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     cmd = commands.add_parser("power-cycle", help="write back, forget keys, reset KeyIDs, refill")
     _socket_arg(cmd)
     cmd.set_defaults(func=_power_cycle)
-    _add_xts(commands)
+    xts_command.add_command(commands)
 
 
 def _socket_arg(cmd: argparse.ArgumentParser) -> None:
@@ -48,11 +55,13 @@ def _connect(args: argparse.Namespace) -> p.Client:
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     cmd = commands.add_parser(
-        "serve", help="run the backend for one NVDIMM in the foreground",
+        "serve", help="run the backend for one NVDIMM (foreground, or --daemon)",
         description="Own an emulated MKTME NVDIMM: keep the media in STATE_DIR, serve the view "
                     "QEMU maps, answer the control socket. Runs until SIGTERM/SIGINT, then writes "
                     "everything back and exits 0. Options left out on an existing STATE_DIR are "
-                    "taken from it.")
+                    "taken from it. With --daemon it returns once the sockets listen, printing "
+                    "the backend's pid (its log goes to STATE_DIR/serve.log); the control "
+                    "socket disappears once a stopped backend has written everything back.")
     cmd.add_argument("--state-dir", required=True, type=Path, help="media, metadata, sockets")
     cmd.add_argument("--size", type=types.size, help="data area size (default 256M; 2M multiple)")
     cmd.add_argument("--base", type=types.address, help="guest physical base of the NVDIMM")
@@ -65,6 +74,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     cmd.add_argument("--guest-socket", type=Path,
                      help="socket QEMU's guest channel connects to (STATE_DIR/guest.sock)")
     cmd.add_argument("--view", type=Path, help="view file (a per-state-dir file in /dev/shm)")
+    cmd.add_argument("--daemon", action="store_true",
+                     help="return once ready, printing the pid (default: stay in the foreground)")
     cmd.set_defaults(func=_serve)
 
 
@@ -87,6 +98,10 @@ def serve_config(args: argparse.Namespace) -> ControllerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    harden_process()
+    detached = daemon.detach(args.state_dir / SERVE_LOG) if args.daemon else None
+    if isinstance(detached, int):  # the parent: the daemon is ready, or failed
+        return detached
     config = serve_config(args)
     controller = open_controller(config)  # one-line StateError: locked, damaged, disk full
     service = ServiceConfig(admin_socket=args.socket or config.state_dir / ADMIN_SOCKET,
@@ -96,6 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("serving %s NVDIMM at base %#x: view %s, control %s, guest %s",
                  _human(config.size), controller.base, config.view, service.admin_socket,
                  service.guest_socket)
+        if detached is not None:
+            detached.ready()
 
     try:
         run_backend(controller, service, ready)
@@ -143,27 +160,42 @@ def _add_key(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     _socket_arg(cmd)
     cmd.add_argument("--keyid", required=True, type=types.integer)
     what = cmd.add_mutually_exclusive_group(required=True)
-    what.add_argument("--user", metavar="KEYHEX:TWEAKHEX", help="SET_KEY_DIRECT with these keys")
+    what.add_argument("--user", metavar="KEYHEX:TWEAKHEX", help="SET_KEY_DIRECT with these keys "
+                      "(visible to other users in the process list: prefer --user-file)")
+    what.add_argument("--user-file", metavar="FILE", help="KEYHEX:TWEAKHEX read from FILE (- = stdin)")
     what.add_argument("--random", action="store_true", help="SET_KEY_RANDOM (key never leaves)")
     what.add_argument("--clear", action="store_true", help="CLEAR_KEY: back to TME behaviour")
     what.add_argument("--no-encrypt", action="store_true", help="NO_ENCRYPT: media as it is")
     what.add_argument("--options", help='"type=user algorithm=aes-xts-128 key=HEX tweak=HEX"')
+    what.add_argument("--options-file", metavar="FILE", help="the --options text read from FILE "
+                      "(- = stdin)")
     cmd.add_argument("--alg", default="aes-xts-128", choices=["aes-xts-128", "aes-xts-256"])
     cmd.set_defaults(func=_key)
 
 
 def key_program_from_args(args: argparse.Namespace) -> p.KeyProgram:
-    """The struct the key command's options describe."""
-    return p.key_program_from_choice(args.keyid, args.alg, user=args.user, random=args.random,
-                                     clear=args.clear, options=args.options)
+    """The struct the key command's options describe (reading a key file if one is named)."""
+    user = keyfiles.read_secret(args.user_file, "--user-file") if args.user_file else args.user
+    options = (keyfiles.read_secret(args.options_file, "--options-file") if args.options_file
+               else args.options)
+    return p.key_program_from_choice(args.keyid, args.alg, user=user, random=args.random,
+                                     clear=args.clear, options=options)
 
 
 def _key(args: argparse.Namespace) -> int:
+    """Print the status; a refusal also says why on stderr and exits 1."""
+    harden_process()
     program = key_program_from_args(args)
+    keyid_count: int | None = None
     with _connect(args) as client:
         status = client.program_key(program)
+        if status is not p.KeyStatus.PROG_SUCCESS:
+            keyid_count = 1 << client.config().keyid_bits
     print(status.name)
-    return 0 if status is p.KeyStatus.PROG_SUCCESS else 1
+    if status is p.KeyStatus.PROG_SUCCESS:
+        return 0
+    print(f"mktme-emu: {status.explain(program, keyid_count)}", file=sys.stderr)
+    return 1
 
 
 def _add_map(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -251,39 +283,4 @@ def _inspect(args: argparse.Namespace) -> int:
     for r in records:
         state = "locked" if r.locked else ("consistent" if r.consistent else "dirty")
         print(f"{r.offset:#12x} {r.keyid:5} {r.kind:10} {state:10} {r.view_head.hex()} {r.media_head.hex()}")
-    return 0
-
-
-# -- xts -----------------------------------------------------------------------------------
-
-def _add_xts(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    cmd = commands.add_parser(
-        "xts", help="the backend's XTS engine on stdin -> stdout",
-        description="Encrypt or decrypt stdin as consecutive data units; unit i uses tweak "
-                    "TWEAK_BASE + i * UNIT (128-bit little-endian). For computing expected "
-                    "ciphertext in your own tests.")
-    direction = cmd.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--encrypt", action="store_true")
-    direction.add_argument("--decrypt", action="store_true")
-    cmd.add_argument("--key", required=True, type=types.hex_bytes,
-                     help="data key || tweak key, hex (32 or 64 bytes)")
-    cmd.add_argument("--tweak-base", required=True, type=types.integer)
-    cmd.add_argument("--unit", type=types.size, default=DEFAULT_UNIT)
-    cmd.set_defaults(func=_xts)
-
-
-def _xts(args: argparse.Namespace) -> int:
-    key = XtsKey(args.key)
-    pool = XtsPool(args.unit)
-    data = bytearray(sys.stdin.buffer.read())
-    try:
-        if args.encrypt:
-            pool.encrypt_into(key, data, data, args.tweak_base)
-        else:
-            pool.decrypt_into(key, data, data, args.tweak_base)
-    finally:
-        pool.close()
-        key.wipe()
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
     return 0
