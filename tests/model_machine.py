@@ -32,7 +32,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 from backend_helpers import xts_reference
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from reference_model import (
@@ -84,9 +84,20 @@ class Device(Protocol):
     def restart(self) -> None: ...
     def crash_and_restart(self) -> None: ...
     def view_fd(self) -> int: ...
+    def inspect(self, offset: int, count: int) -> list[PageReport]: ...
     def media(self) -> bytes: ...
     def platform_key(self) -> bytes | None: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PageReport:
+    """What INSPECT says about one page (the parts the model predicts)."""
+
+    keyid: int
+    logical_tweak: int
+    locked: bool
+    consistent: bool | None  # media == write-back(view); None when locked
 
 
 @dataclass(frozen=True)
@@ -110,13 +121,33 @@ def budget(default_examples: int, default_steps: int) -> settings:
     """
     examples = int(os.environ.get("MKTME_MODEL_EXAMPLES", default_examples))
     steps = int(os.environ.get("MKTME_MODEL_STEPS", default_steps))
+    phases = list(Phase)
+    if os.environ.get("MKTME_MODEL_SHRINK", "1") == "0":  # mutation runs: found is enough
+        phases.remove(Phase.shrink)
     return settings(max_examples=examples, stateful_step_count=steps, deadline=None,
-                    derandomize=not exploring(), database=None, print_blob=True,
+                    derandomize=not exploring(), database=None, print_blob=True, phases=phases,
                     suppress_health_check=list(HealthCheck))
 
 
 def exploring() -> bool:
     return "MKTME_MODEL_EXAMPLES" in os.environ or "MKTME_MODEL_SEED" in os.environ
+
+
+@contextlib.contextmanager
+def scratch_root(fallback: Path) -> Iterator[Path]:
+    """A directory on tmpfs when there is one: the controller fdatasyncs at every
+    request, which on a busy disk would make the steps ten times slower and the
+    budget ten times smaller, and durability against power loss is not what
+    this test is about (SIGKILL and restart are, and tmpfs keeps files across them)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield fallback
+        return
+    root = Path(tempfile.mkdtemp(prefix="mktme-model-", dir=shm))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_machine(machine: type[ModelMachine], root: Path, config: settings) -> None:
@@ -313,6 +344,21 @@ class ModelMachine(RuleBasedStateMachine):
             bad = np.flatnonzero((view[n] != expected) & known)
             assert bad.size == 0, (f"view page {n} (KeyID {page.keyid}) differs from the model "
                                    f"at {bad.size} known bytes, first at {int(bad[0])}")
+
+    @invariant()
+    def page_state_matches_model(self) -> None:
+        """INSPECT: each page's KeyID, logical tweak and lock as the model has them,
+        and a page the guest has not written since its fill is consistent."""
+        for n, report in enumerate(self.device.inspect(0, WINDOW)):
+            page = self.model.pages[n]
+            assert report.keyid == page.keyid, f"page {n} has KeyID {report.keyid}, model {page.keyid}"
+            if self.shape.tweak is TweakMode.LOGICAL:
+                assert report.logical_tweak == page.logical_tweak, (
+                    f"page {n} has logical tweak {report.logical_tweak}, model {page.logical_tweak}")
+            locked = page.keyid in self.model.locked
+            assert report.locked == locked, f"page {n} locked={report.locked}, model says {locked}"
+            if not locked and not page.dirty:
+                assert report.consistent is True, f"page {n}: view and media disagree after a fill"
 
     @invariant()
     def media_matches_model(self) -> None:

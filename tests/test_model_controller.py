@@ -26,9 +26,11 @@ from model_machine import (
     KEYID_BITS,
     DeviceRefused,
     ModelMachine,
+    PageReport,
     Shape,
     budget,
     run_machine,
+    scratch_root,
 )
 from mktme_emu.controller import ControllerConfig, MemoryController, RelocateMode, TweakMode
 from mktme_emu.errors import ControllerError, ErrorCode
@@ -59,6 +61,11 @@ def _flush(ctl: MemoryController, offset: int | None, length: int | None) -> Non
 
 def _program(ctl: MemoryController, raw: bytes) -> int:
     return int(ctl.program_key(raw))
+
+
+def _inspect(ctl: MemoryController, offset: int, count: int) -> list[PageReport]:
+    return [PageReport(info.keyid, info.logical_tweak, info.locked, info.consistent)
+            for info in ctl.inspect(offset, count)]
 
 
 def _abandon(ctl: MemoryController) -> None:
@@ -131,6 +138,9 @@ class InProcessDevice:
     def view_fd(self) -> int:
         return os.open(self.config.view, os.O_RDWR)
 
+    def inspect(self, offset: int, count: int) -> list[PageReport]:
+        return _inspect(self._ctl, offset, count)
+
     def media(self) -> bytes:
         return (self.config.state_dir / "media").read_bytes()
 
@@ -169,4 +179,5 @@ SHAPES = {
 def test_controller_follows_the_reference_model(name: str, tmp_path: Path) -> None:
     machine = type(f"ControllerMachine_{name.replace('-', '_')}", (ControllerMachine,),
                    {"shape": SHAPES[name]})
-    run_machine(machine, tmp_path, budget(default_examples=6, default_steps=30))
+    with scratch_root(tmp_path) as root:
+        run_machine(machine, root, budget(default_examples=25, default_steps=40))
