@@ -34,7 +34,7 @@ import numpy as np
 from backend_helpers import xts_reference
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from reference_model import (
     PAGE,
     PLAIN,
@@ -330,6 +330,13 @@ class ModelMachine(RuleBasedStateMachine):
         self.model.restart(clean=True)
         self.device.restart()
 
+    @rule()
+    def crash_and_restart(self) -> None:
+        """A crash (SIGKILL, or an abandoned controller) and a restart: only what was
+        written back before is on the media; the view file survives and is re-attached."""
+        self.model.restart(clean=False)
+        self.device.crash_and_restart()
+
     # -- the checks ---------------------------------------------------------------
 
     @invariant()
@@ -414,18 +421,3 @@ class ModelMachine(RuleBasedStateMachine):
         if key.kind == "platform" and self.shape.tme is Tme.RETAINED:
             return self.device.platform_key()
         return None
-
-
-def with_crash_rule(machine: type[ModelMachine]) -> type[ModelMachine]:
-    """Add a SIGKILL-and-restart step (for devices that are real processes)."""
-
-    class Crashing(machine):  # type: ignore[valid-type, misc]
-        @precondition(lambda self: True)
-        @rule()
-        def crash_and_restart(self) -> None:
-            """SIGKILL: only what was written back before survives on the media."""
-            self.model.restart(clean=False)
-            self.device.crash_and_restart()
-
-    Crashing.__name__ = Crashing.__qualname__ = machine.__name__
-    return Crashing

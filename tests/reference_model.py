@@ -266,7 +266,7 @@ class ReferenceModel:
 
     def write(self, offset: int, data: bytes) -> None:
         """The guest CPU stores into the view (any bytes, any alignment)."""
-        assert 0 <= offset and offset + len(data) <= self.spec.pages * PAGE
+        assert offset >= 0 and offset + len(data) <= self.spec.pages * PAGE
         end = offset + len(data)
         while offset < end:
             n, b = divmod(offset, PAGE)

@@ -19,7 +19,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis.stateful import rule
+from mktme_emu.controller import ControllerConfig, MemoryController, RelocateMode, TweakMode
+from mktme_emu.errors import ControllerError, ErrorCode
+from mktme_emu.keytable import TmePolicy
+from mktme_emu.protocol import KeyCommand, key_program
 from model_machine import (
     BASE,
     DEVICE_SIZE,
@@ -32,10 +35,6 @@ from model_machine import (
     run_machine,
     scratch_root,
 )
-from mktme_emu.controller import ControllerConfig, MemoryController, RelocateMode, TweakMode
-from mktme_emu.errors import ControllerError, ErrorCode
-from mktme_emu.keytable import TmePolicy
-from mktme_emu.protocol import KeyCommand, key_program
 from reference_model import Command, Refusal, Tme
 from reference_model import TweakMode as Tweak
 
@@ -159,12 +158,6 @@ class ControllerMachine(ModelMachine):
 
     def open_device(self, root: Path) -> InProcessDevice:
         return InProcessDevice(root, self.shape)
-
-    @rule()
-    def crash_and_restart(self) -> None:
-        """Abandon the controller mid-life: only what was written back is on the media."""
-        self.model.restart(clean=False)
-        self.device.crash_and_restart()
 
 
 SHAPES = {
