@@ -50,6 +50,7 @@ from reference_model import (
 )
 
 BASE = 0x1_0000_0000
+BASES = (BASE, BASE + (2 << 20), 0x2_4000_0000)
 DEVICE_SIZE = 2 << 20  # the smallest device the controller accepts
 WINDOW = 8  # pages the machine acts on
 KEYID_BITS = 2  # KeyIDs 0..3: few enough that they collide often
@@ -81,7 +82,7 @@ class Device(Protocol):
     def flush(self, offset: int | None, length: int | None) -> None: ...
     def relocate(self, src: int, dst: int, length: int, keyed: bool) -> None: ...
     def power_cycle(self) -> None: ...
-    def restart(self) -> None: ...
+    def restart(self, base: int | None = None) -> None: ...
     def crash_and_restart(self) -> None: ...
     def view_fd(self) -> int: ...
     def inspect(self, offset: int, count: int) -> list[PageReport]: ...
@@ -329,6 +330,13 @@ class ModelMachine(RuleBasedStateMachine):
         """A clean backend restart (close, reopen on the same state dir and view)."""
         self.model.restart(clean=True)
         self.device.restart()
+
+    @rule(base=st.sampled_from(BASES))
+    def restart_elsewhere(self, base: int) -> None:
+        """A clean restart with the NVDIMM at another (or the same) physical base."""
+        self.model.restart(clean=True)
+        self.model.set_base(base)
+        self.device.restart(base)
 
     @rule()
     def crash_and_restart(self) -> None:

@@ -160,6 +160,7 @@ class ReferenceModel:
 
     def __init__(self, spec: DeviceSpec) -> None:
         self.spec = spec
+        self.base = spec.base  # the NVDIMM's guest physical base; a restart may move it
         self.slots = [Slot() for _ in range(spec.keyid_count)]
         self.locked: set[int] = set()
         self.platform_serial = 0
@@ -187,7 +188,7 @@ class ReferenceModel:
     def tweak_of(self, page: int) -> int:
         """Tweak base of the page's first data unit (SPEC: "an address of the unit")."""
         if self.spec.tweak is TweakMode.SPA:
-            return self.spec.base + page * PAGE
+            return self.base + page * PAGE
         if self.spec.tweak is TweakMode.DPA:
             return page * PAGE
         return self.pages[page].logical_tweak * PAGE
@@ -350,6 +351,16 @@ class ReferenceModel:
                 self.slots[keyid] = Slot()
             elif slot.kind != "tme" or self.spec.tme is Tme.EPHEMERAL:
                 self.locked.add(keyid)
+
+    def set_base(self, base: int) -> None:
+        """The NVDIMM moved in the physical map: write back, then refill at the new
+        base (under ``spa`` the old ciphertext no longer decrypts; under the others it does)."""
+        if base == self.base:
+            return
+        self.flush()
+        self.base = base
+        for n in range(self.spec.pages):
+            self._fill(n)
 
     # -- what the tests compare --------------------------------------------------------
 

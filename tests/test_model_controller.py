@@ -15,6 +15,7 @@ explores at random with a bigger budget.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -124,9 +125,11 @@ class InProcessDevice:
     def power_cycle(self) -> None:
         self._ctl.power_cycle()
 
-    def restart(self) -> None:
+    def restart(self, base: int | None = None) -> None:
         self._ctl.close()
         self.ctl = None
+        if base is not None:
+            self.config = dataclasses.replace(self.config, base=base)
         self.ctl = _open(self.config)
 
     def crash_and_restart(self) -> None:

@@ -105,8 +105,8 @@ class ServeDevice:
             os.close(fd)
         return info.st_dev, info.st_ino
 
-    def _started_again(self) -> None:
-        self.backend.start()
+    def _started_again(self, **options: object) -> None:
+        self.backend.start(**options)
         self.client = self.backend.client()
         # The guest keeps its mapping across a backend restart: the backend must
         # re-attach to the very same view file, not hand out a new one.
@@ -127,9 +127,9 @@ class ServeDevice:
     def power_cycle(self) -> None:
         self.client.power_cycle()
 
-    def restart(self) -> None:
+    def restart(self, base: int | None = None) -> None:
         self.backend.stop()  # SIGTERM: exit status 0 asserted
-        self._started_again()
+        self._started_again(**({} if base is None else {"base": base}))
 
     def crash_and_restart(self) -> None:
         self.backend.kill()
