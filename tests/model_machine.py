@@ -164,7 +164,8 @@ def run_machine(machine: type[ModelMachine], root: Path, config: settings) -> No
     try:
         run_state_machine_as_test(machine, settings=config)
     except BaseException as err:
-        how = (f"MKTME_MODEL_EXAMPLES={config.max_examples} MKTME_MODEL_SEED={chosen}"
+        how = (f"MKTME_MODEL_EXAMPLES={config.max_examples} MKTME_MODEL_STEPS="
+               f"{config.stateful_step_count} MKTME_MODEL_SEED={chosen}"
                if chosen is not None else "the default derandomized run")
         err.add_note(f"model machine {machine.__name__}: repeat with {how}")
         print(f"model machine {machine.__name__} failed; repeat with {how}")
