@@ -105,8 +105,11 @@ class ServeDevice:
             os.close(fd)
         return info.st_dev, info.st_ino
 
-    def _started_again(self, **options: object) -> None:
-        self.backend.start(**options)
+    def _started_again(self, base: int | None = None) -> None:
+        if base is None:
+            self.backend.start()
+        else:
+            self.backend.start(base=base)
         self.client = self.backend.client()
         # The guest keeps its mapping across a backend restart: the backend must
         # re-attach to the very same view file, not hand out a new one.
@@ -129,7 +132,7 @@ class ServeDevice:
 
     def restart(self, base: int | None = None) -> None:
         self.backend.stop()  # SIGTERM: exit status 0 asserted
-        self._started_again(**({} if base is None else {"base": base}))
+        self._started_again(base)
 
     def crash_and_restart(self) -> None:
         self.backend.kill()
