@@ -20,8 +20,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import Phase, settings
-from mktme_emu.controller import ControllerConfig, MemoryController, RelocateMode, TweakMode
+from mktme_emu.controller import ControllerConfig, MemoryController, RelocateMode, TweakMode, open_controller
 from mktme_emu.errors import ControllerError, ErrorCode
 from mktme_emu.keytable import TmePolicy
 from mktme_emu.protocol import KeyCommand, key_program
@@ -42,14 +41,14 @@ from reference_model import TweakMode as Tweak
 
 # -- adapters: every call whose form other branches change goes through here -------------------
 
-# Today a MAP onto a KeyID whose key was lost in a restart is accepted (and the
-# pages are locked); issue 8 asks for NO_KEY instead.  Flip when that lands.
-REFUSES_MAP_TO_LOCKED_KEYID = False
+# A MAP onto a KeyID whose key was lost in a restart is refused with NO_KEY
+# (issue 8): the model expects that refusal.
+REFUSES_MAP_TO_LOCKED_KEYID = True
 
 
 def _open(config: ControllerConfig) -> MemoryController:
     """Open (create or recover) the controller of a state directory."""
-    return MemoryController(config)
+    return open_controller(config)
 
 
 def _flush(ctl: MemoryController, offset: int | None, length: int | None) -> None:
@@ -71,8 +70,7 @@ def _inspect(ctl: MemoryController, offset: int, count: int) -> list[PageReport]
 
 def _abandon(ctl: MemoryController) -> None:
     """A crash: release the files without writing anything back (as SIGKILL would)."""
-    ctl.view.close()
-    ctl.media.close()
+    ctl.abandon()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -179,14 +177,3 @@ def test_controller_follows_the_reference_model(name: str, tmp_path: Path) -> No
     with scratch_root(tmp_path) as root:
         run_machine(machine, root, budget(default_examples=25, default_steps=40))
 
-
-@pytest.mark.xfail(strict=True, reason="issue 8: a MAP onto a KeyID whose key was lost in a restart "
-                   "is accepted today (its pages are locked and later guest writes are dropped at "
-                   "flush); it must be refused with NO_KEY.  When that lands, this XPASSes: set "
-                   "REFUSES_MAP_TO_LOCKED_KEYID = True and delete this test.")
-def test_a_map_onto_a_keyid_whose_key_was_lost_is_refused(tmp_path: Path) -> None:
-    machine = type("ControllerMachine_refusing", (ControllerMachine,),
-                   {"shape": SHAPES["spa-64-bypass"], "refuse_map_to_locked": True})
-    config = budget(default_examples=25, default_steps=40)
-    with scratch_root(tmp_path) as root:  # finding it is enough: no minutes of shrinking
-        run_machine(machine, root, settings(config, phases=[Phase.explicit, Phase.generate]))

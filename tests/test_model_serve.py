@@ -39,9 +39,9 @@ from reference_model import TweakMode as Tweak
 
 # -- adapters: every call whose form other branches change goes through here -------------------
 
-# Today a MAP onto a KeyID whose key was lost in a restart is accepted (and the
-# pages are locked); issue 8 asks for NO_KEY instead.  Flip when that lands.
-REFUSES_MAP_TO_LOCKED_KEYID = False
+# A MAP onto a KeyID whose key was lost in a restart is refused with NO_KEY
+# (issue 8): the model expects that refusal.
+REFUSES_MAP_TO_LOCKED_KEYID = True
 
 
 def _program(client: p.Client, program: p.KeyProgram) -> int:

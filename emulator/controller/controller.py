@@ -116,13 +116,14 @@ class MemoryController:
         """
         start, end = self._page_range(offset, length)
         self._check_keyid(keyid)
-        if self.keys.is_lost(keyid):
-            raise ControllerError(f"KeyID {keyid} lost its key in a backend restart; program "
-                                  "it again before mapping pages with it", ErrorCode.NO_KEY)
         if logical_tweak is not None and self.config.tweak not in (TweakMode.LOGICAL, TweakMode.DUN):
             raise ControllerError("a logical tweak needs the device in logical or dun tweak mode")
         if logical_tweak is not None and not 0 <= logical_tweak <= 2**64 - (end - start):
             raise ControllerError("logical tweak out of range (64-bit page tweak)")
+        # Malformed requests are INVALID before the device's state is looked at.
+        if self.keys.is_lost(keyid):
+            raise ControllerError(f"KeyID {keyid} lost its key in a backend restart; program "
+                                  "it again before mapping pages with it", ErrorCode.NO_KEY)
         self.view.check()
         self._move.write_back(start, end)
         self.media.sync()
