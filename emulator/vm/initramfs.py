@@ -31,6 +31,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_console", "9pnet_virtio", "9p",
     "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax",
     "crc32c_generic", "ext4", "xfs",
+    "overlay",  # /tmp and /var/tmp: the host's copy with a tmpfs upper layer
 )
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -88,7 +89,7 @@ def build_entries(busybox: bytes, init: bytes, modules: Sequence[ModuleInfo]) ->
         Entry("init", f, init),
     ]
     applets = ("sh", "mount", "insmod", "cat", "ln", "mkdir", "chroot", "poweroff", "sync",
-               "sleep", "usleep", "ls", "grep", "base64", "setsid", "stty", "echo", "chmod", "printf")
+               "sleep", "usleep", "ls", "grep", "base64", "setsid", "stty", "echo", "chmod", "printf", "tr")
     entries += [Entry(f"bin/{a}", lnk, b"busybox") for a in applets]
     order = []
     for mod in modules:
