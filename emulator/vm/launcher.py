@@ -30,6 +30,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mktme_emu.errors import BootFailure, MktmeError, VmError
@@ -392,15 +393,22 @@ class _Session:
         self.phase("guest-running")
         await self._wait_done()
 
+    @staticmethod
+    async def _listen(serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                      Coroutine[Any, Any, None]], path: Path) -> asyncio.Server:
+        try:
+            return await asyncio.start_unix_server(serve, path=path)
+        except OSError as exc:
+            raise VmError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+
     async def run(self) -> VmResult:
         """Start QEMU, drive it to the end of the run, always stop it; raise task failures."""
         qmp_log = logging.getLogger("qemu.qmp")
         if qmp_log.level == logging.NOTSET:  # its INFO lines (EOF at quit) are noise here
             qmp_log.setLevel(logging.WARNING)
-        servers = [await asyncio.start_unix_server(self._status, path=self.cfg.status_socket)]
+        servers = [await self._listen(self._status, self.cfg.status_socket)]
         if not self.cfg.interactive:
-            servers.append(await asyncio.start_unix_server(self._console,
-                                                           path=self.cfg.console_socket))
+            servers.append(await self._listen(self._console, self.cfg.console_socket))
         try:
             with self._signals_end_the_run():
                 await self._start_qemu()
