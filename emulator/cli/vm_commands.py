@@ -126,7 +126,10 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
 
 
 def _command(args: argparse.Namespace) -> tuple[str, ...]:
-    words = list(getattr(args, "command", None) or [])
+    """run's -- CMD ARGS (boot has none: args.command is then the subcommand's name)."""
+    if args.func is not cmd_run:
+        return ()
+    words = list(args.command)
     if words[:1] == ["--"]:
         words = words[1:]
     return tuple(words)
