@@ -13,11 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from mktme_emu.controller import default_view_path
 from mktme_emu.errors import ConfigError
+from mktme_emu.keytable import DEFAULT_KEYID_BITS
 from mktme_emu.vm.boot import (
     NS_MODES,
     LaunchOptions,
@@ -32,9 +35,6 @@ from mktme_emu.vm.launcher import NvdimmBackend, RunRequest
 from mktme_emu.vm.qemu import NvdimmSpec, format_argv
 
 from .args import size
-
-#: KeyID bits of a backend started by boot/run when --keyid-bits is not given.
-DEFAULT_KEYID_BITS = 6
 
 
 def nvdimm_backends(opts: LaunchOptions, args: argparse.Namespace) -> list[NvdimmBackend]:
@@ -143,9 +143,13 @@ def _dry_run_specs(opts: LaunchOptions, args: argparse.Namespace) -> list[Nvdimm
             specs.append(NvdimmSpec(Path(f"/dev/shm/<plain view {index}>"), opts.nvdimm_size,
                                     opts.label_size))
             continue
-        state = _emulator_options(args, index).state_dir or Path(f"<state dir {index}>")
-        specs.append(NvdimmSpec(Path(f"/dev/shm/<view of {state}>"), opts.nvdimm_size,
-                                opts.label_size, state / "guest.sock"))
+        state = _emulator_options(args, index).state_dir
+        if state is None:  # a temporary one, made at launch
+            state = Path(tempfile.gettempdir()) / f"mktme-nvdimm{index}-<made at launch>"
+            view = Path(f"/dev/shm/<view of nvdimm{index}>")
+        else:
+            view = default_view_path(state.absolute())
+        specs.append(NvdimmSpec(view, opts.nvdimm_size, opts.label_size, state / "guest.sock"))
     return specs
 
 

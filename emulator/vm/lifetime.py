@@ -29,16 +29,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None
+try:  # looked up now: after fork, in preexec_fn, only the call itself is safe
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the watchdog alone stops QEMU
+    _prctl = None
 
 
 def die_with_parent() -> None:
     """preexec_fn: SIGTERM this child when the thread that started it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 class Watchdog:
