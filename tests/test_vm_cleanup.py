@@ -129,6 +129,9 @@ def test_keep_and_state_dir_are_kept(tmp_path: Path) -> None:
     info = run.wait_ready()
     assert run.finish() == 0
     assert (state / "media").exists() and Path(str(info["run_dir"])).is_dir()
+    assert list(state.glob("*.sock")) == []  # the backend's sockets go with it
     assert not any(_alive(p) for p in [info["qemu_pid"], *info["backend_pids"]])  # type: ignore[list-item]
+    for view in info["views"]:  # type: ignore[attr-defined]
+        Path(view).unlink()  # kept, as --keep asks: ours to remove now
     shutil.rmtree(str(info["run_dir"]))
     shutil.rmtree(str(info["tmp"]))
