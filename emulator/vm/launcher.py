@@ -29,7 +29,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +302,7 @@ class _Session:
         self.finished.set()
 
     @contextlib.contextmanager
-    def _signals_end_the_run(self) -> Any:
+    def _signals_end_the_run(self) -> Iterator[None]:
         """SIGINT/SIGTERM/SIGHUP end the run in order (main thread only), then restore."""
         if threading.current_thread() is not threading.main_thread():
             yield
