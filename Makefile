@@ -34,8 +34,9 @@ $(STAMP): pyproject.toml
 kernel: setup
 	$(BIN)/mktme-emu kernel fetch
 
+# A DAX-ready shell: the namespace in fsdax mode; more options with ARGS="...".
 vm: setup kernel
-	$(BIN)/mktme-emu boot
+	$(BIN)/mktme-emu boot --ns fsdax $(ARGS)
 
 test: setup kernel
 	$(BIN)/python -m pytest -ra

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from mktme_emu.errors import VmError
 from mktme_emu.vm.boot import LaunchOptions, launch
 from mktme_emu.vm.kernel import cache_dir, load_kernel
 from mktme_emu.vm.launcher import EXIT_PANIC, PlainNvdimm, RunRequest, VmResult
@@ -64,3 +65,19 @@ def test_guest_reboot_power_cycles_the_backend() -> None:
     assert (result.exit_code, result.boots) == (7, 2)
     # RESET at the reboot (SeaBIOS may add one), SHUTDOWN at the final poweroff.
     assert backend.power_cycles >= 2
+
+
+class BrokenPowerCycle(PlainNvdimm):
+    """A backend whose power cycle fails (a host-side fault the run must not swallow)."""
+
+    def power_cycle(self) -> None:
+        raise OSError("the DIMM caught fire")
+
+
+def test_a_failing_power_cycle_is_raised_not_lost() -> None:
+    backend = BrokenPowerCycle(128 << 20)
+    try:
+        with pytest.raises(VmError, match="caught fire"):
+            run("sh", "-c", "reboot; sleep 100", backend=backend)
+    finally:
+        backend.close()

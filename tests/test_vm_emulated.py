@@ -191,3 +191,39 @@ def test_restarted_backend_is_reattached_without_a_reboot(tmp_path: Path,
     assert result.boots == 1  # type: ignore[attr-defined]
     assert "GUEST reattached locked 1" in out
     assert "GUEST unlocked 0 True" in out
+
+
+class SlowPowerCycle:
+    """An NvdimmBackend whose power cycle takes ``delay`` seconds more (a big device's)."""
+
+    def __init__(self, inner: EmulatedNvdimm, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+        self.view_path, self.data_size = inner.view_path, inner.data_size
+        self.label_size, self.guest_socket = inner.label_size, inner.guest_socket
+        self.power_cycles = 0
+
+    def attach(self, base: int) -> None:
+        self.inner.attach(base)
+
+    def power_cycle(self) -> None:
+        time.sleep(self.delay)
+        self.inner.power_cycle()
+        self.power_cycles += 1
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_slow_power_cycles_are_atomic_reboots_not_panics(tmp_path: Path) -> None:
+    inner = EmulatedNvdimm(EmulatorOptions(state_dir=tmp_path / "state", size=64 << 20))
+    slow = SlowPowerCycle(inner, delay=1.5)
+    said: list[str] = []
+    command = ("sh", "-c", 'case "$MKTME_BOOT" in 0|1) reboot -f ;; esac; exit 7')
+    try:
+        result = launch(LaunchOptions(nvdimm_size=64 << 20), RunRequest(command=command,
+                        timeout=300), [slow], progress=said.append)
+    finally:
+        slow.close()
+    assert (result.exit_code, result.boots, result.panicked) == (7, 3, False)
+    assert slow.power_cycles >= 3  # two reboots and the final poweroff
+    assert said.count("guest rebooted: NVDIMM power-cycled") == 2

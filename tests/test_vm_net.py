@@ -128,7 +128,9 @@ def main_as_nobody(*argv: str) -> tuple[int, str]:
     if pid == 0:  # child: never returns into pytest
         code = 99
         try:
-            from mktme_emu.cli.main import main  # imported first: nobody may not read the stdlib
+            from mktme_emu.cli.main import build_parser, main  # first: nobody may not read the stdlib
+
+            build_parser()  # every command's module, imported lazily by main(), loaded as root
 
             os.close(read)
             sys.stderr = os.fdopen(write, "w")  # pytest's capture replaced the original

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
 import shlex
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
-from mktme_emu.errors import ConfigError, VmError
+from mktme_emu.errors import ConfigError, MktmeError, VmError
+from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
 from mktme_emu.vm.initramfs import Entry, cpio_newc, init_script
+from mktme_emu.vm.kernel import cache_dir, load_kernel
 from mktme_emu.vm.launcher import RunRequest, VmResult, command_script
 from mktme_emu.vm.modules import ModuleInfo, resolve
 from mktme_emu.vm.qemu import NvdimmSpec, VmConfig, parse_size, qemu_argv
@@ -121,13 +123,50 @@ def test_exit_codes() -> None:
     assert RunRequest().interactive is False
 
 
-def test_cli_dry_run_prints_quoted_argv(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Temporary and runtime directories of our own, to see what a command leaves there."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.skipif(load_kernel(cache_dir()) is None, reason="no guest kernel cached")
+def test_cli_dry_run_prints_quoted_argv_and_starts_nothing(
+        capsys: pytest.CaptureFixture[str], private_tmp: Path) -> None:
     from mktme_emu.cli.main import main
 
+    cache_before = sorted(cache_dir().iterdir())
     assert main(["boot", "--dry-run", "--accel", "tcg", "--nvdimm-size", "128M"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[0] == "qemu-system-x86_64" and "-S" in argv
     assert any(a.startswith("memory-backend-file") and a.endswith("size=134217728")
                for a in argv)
-    with gzip.open(argv[argv.index("-initrd") + 1]) as f:
-        assert f.read(6) == b"070701"
+    assert "initramfs" in argv[argv.index("-initrd") + 1]
+    # No backend (its temporary state folder), no run directory, no initramfs build.
+    assert list(private_tmp.iterdir()) == []
+    assert sorted(cache_dir().iterdir()) == cache_before
+
+
+def test_refused_nvdimm_size_leaves_nothing_behind(private_tmp: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from mktme_emu.cli.main import main
+
+    assert main(["run", "--nvdimm-size", "3M", "--", "true"]) == 1
+    assert "multiple of 2M" in capsys.readouterr().err
+    with pytest.raises(MktmeError):  # the backend itself refuses it too, and cleans up
+        EmulatedNvdimm(EmulatorOptions(size=3 << 20))
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_boot_help_has_no_command_and_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from mktme_emu.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["boot", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CMD" not in text and "command" not in text.split("options:")[0]
+    assert "1..63" in text and "raw when new" in text
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "-- CMD ARGS" in capsys.readouterr().out

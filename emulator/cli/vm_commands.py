@@ -8,26 +8,32 @@ The NVDIMMs are emulated MKTME ones (``mktme-emu serve`` processes) unless
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
+from mktme_emu.controller import default_view_path
 from mktme_emu.errors import ConfigError
+from mktme_emu.keytable import DEFAULT_KEYID_BITS
 from mktme_emu.vm.boot import (
     NS_MODES,
     LaunchOptions,
+    dry_run_argv,
     launch,
-    make_config,
     plain_backends,
-    run_directory,
     runtime_root,
 )
 from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
 from mktme_emu.vm.kernel import cache_dir, fetch_kernel
-from mktme_emu.vm.launcher import EXIT_BOOT_FAILURE, NvdimmBackend, RunRequest
-from mktme_emu.vm.net import NET_MODES, NetOptions, PortForward, plan_network
-from mktme_emu.vm.qemu import format_argv, qemu_argv
+from mktme_emu.vm.launcher import NvdimmBackend, RunRequest
+from mktme_emu.vm.net import NET_MODES, NetOptions, PortForward, require_root
+from mktme_emu.vm.qemu import NvdimmSpec, format_argv
 
 from .args import size
 from .net_commands import add_net_commands
@@ -68,7 +74,8 @@ def _progress(message: str) -> None:
     print(f"mktme-emu: {message}", file=sys.stderr, flush=True)
 
 
-def _add_vm_options(p: argparse.ArgumentParser) -> None:
+def _add_vm_options(p: argparse.ArgumentParser, with_command: bool) -> None:
+    """The options boot and run share (run adds its command)."""
     p.add_argument("--profile", default="default", help="qemu-configs/NAME.cfg or a .cfg path")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
                    help="auto probes KVM with a short timeout and falls back to TCG")
@@ -77,7 +84,13 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nvdimm-size", type=size, default=256 << 20, help="data area (default 256M)")
     p.add_argument("--label-size", type=size, default=0, help="NVDIMM label area (0 = none)")
     p.add_argument("--nvdimms", type=int, default=1, help="how many NVDIMMs (default 1)")
-    p.add_argument("--ns", choices=NS_MODES, help="put every NVDIMM namespace in this mode at boot")
+    p.add_argument("--ns", choices=NS_MODES,
+                   help="put every NVDIMM namespace in this mode at boot (default: leave it "
+                   "as the DIMM has it, raw when new; fsdax for mount -o dax)")
+    p.add_argument("--rwdir", action="append", default=[], metavar="DIR",
+                   help="make host directory DIR writable from the guest, at the same path "
+                   "(repeatable); elsewhere the host's files are read-only, and /tmp, "
+                   "/var/tmp take writes in guest memory")
     p.add_argument("--gdb", action="store_true", help="start a gdbstub on :1234")
     p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
                    help="extra QEMU argument (repeat for each word)")
@@ -99,10 +112,14 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     emu.add_argument("--tweak", choices=("spa", "dpa", "logical", "dun"),
                      help="tweak mode (spa; dun needs --unit 4096)")
     emu.add_argument("--unit", type=size, help="XTS data unit in bytes (64)")
-    emu.add_argument("--keyid-bits", type=int, help="KeyID bits (6)")
+    emu.add_argument("--keyid-bits", type=int,
+                     help=f"KeyID bits (default {DEFAULT_KEYID_BITS}: user KeyIDs "
+                     f"1..{(1 << DEFAULT_KEYID_BITS) - 1}, i.e. 1..2^bits-1; 0 is TME's)")
     emu.add_argument("--plain", action="store_true",
                      help="a plain QEMU NVDIMM with no emulator (the performance reference)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
+    if with_command:
+        p.add_argument("command", nargs=argparse.REMAINDER,
+                       help="-- CMD ARGS... to run in the guest")
 
 
 def launch_options(args: argparse.Namespace) -> LaunchOptions:
@@ -112,29 +129,69 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         nvdimm_size=args.nvdimm_size, label_size=args.label_size, nvdimm_count=args.nvdimms,
         ns_mode=args.ns, gdb=args.gdb, extra_args=tuple(args.qemu_arg),
         cache=Path(args.cache) if args.cache else None, keep=args.keep,
+        rwdirs=tuple(Path(d).absolute() for d in args.rwdir),
         net=NetOptions(args.net, tuple(PortForward.parse(f) for f in args.hostfwd)))
 
 
 def _command(args: argparse.Namespace) -> tuple[str, ...]:
+    """run's -- CMD ARGS (boot has none: args.command is then the subcommand's name)."""
+    if args.func is not cmd_run:
+        return ()
     words = list(args.command)
     if words[:1] == ["--"]:
         words = words[1:]
     return tuple(words)
 
 
-def _dry_run(opts: LaunchOptions, args: argparse.Namespace, interactive: bool) -> int:
-    backends = nvdimm_backends(opts, args)
+def _dry_run_specs(opts: LaunchOptions, args: argparse.Namespace) -> list[NvdimmSpec]:
+    """The NVDIMMs as QEMU would see them, without starting or creating anything."""
+    specs = []
+    for index in range(opts.nvdimm_count):
+        if args.plain:
+            specs.append(NvdimmSpec(Path(f"/dev/shm/<plain view {index}>"), opts.nvdimm_size,
+                                    opts.label_size))
+            continue
+        state = _emulator_options(args, index).state_dir
+        if state is None:  # a temporary one, made at launch
+            state = Path(tempfile.gettempdir()) / f"mktme-nvdimm{index}-<made at launch>"
+            view = Path(f"/dev/shm/<view of nvdimm{index}>")
+        else:
+            view = default_view_path(state.absolute())
+        specs.append(NvdimmSpec(view, opts.nvdimm_size, opts.label_size, state / "guest.sock"))
+    return specs
+
+
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM/SIGHUP while backends start: unwind, so they are stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[list[int]]:
+    """Turn the first SIGINT/SIGTERM/SIGHUP into :class:`_Interrupted`.
+
+    Yields a list the caller appends to once cleanup must not be interrupted
+    (later signals are then only recorded).  While the VM runs, the launcher
+    handles these signals itself and ends the run in order.
+    """
+    seen: list[int] = []
+    cleaning: list[int] = []
+
+    def handler(signum: int, _: FrameType | None) -> None:
+        seen.append(signum)
+        if len(seen) == 1 and not cleaning:
+            raise _Interrupted(signum)
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {sig: signal.signal(sig, handler) for sig in sigs}
     try:
-        with run_directory(keep=False) as run_dir:
-            net = plan_network(opts.net)
-            if net is not None:
-                _progress(net.dry_run_line())
-            cfg = make_config(opts, backends, run_dir, interactive, _progress, net)
-            print(format_argv(qemu_argv(cfg)))
+        yield cleaning
     finally:
-        for backend in backends:
-            backend.close()
-    return 0
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def _launch(args: argparse.Namespace, interactive: bool) -> int:
@@ -143,20 +200,30 @@ def _launch(args: argparse.Namespace, interactive: bool) -> int:
     if not interactive and not command:
         raise ConfigError("run needs a command: mktme-emu run [options] -- CMD ...")
     if args.dry_run:
-        return _dry_run(opts, args, interactive)
+        print(format_argv(dry_run_argv(opts, _dry_run_specs(opts, args), interactive,
+                                       _progress)))
+        return 0
+    if opts.net.mode == "tap":  # refused before anything starts, in one line
+        require_root("--net tap", "; without root use --net user")
     request = RunRequest(command=command, cwd=os.getcwd(), interactive=interactive,
                          timeout=args.timeout, boot_timeout=args.boot_timeout)
-    backends = nvdimm_backends(opts, args)
     try:
-        result = launch(opts, request, backends, _progress)
-    finally:
-        for backend in backends:
-            backend.close()
-    if result.status is None:
+        with _signals_unwind() as cleaning:
+            backends = nvdimm_backends(opts, args)
+            try:
+                result = launch(opts, request, backends, _progress)
+            finally:
+                cleaning.append(1)
+                for backend in backends:
+                    backend.close()
+    except _Interrupted as stop:
+        _progress(f"stopped by {signal.Signals(stop.signum).name}")
+        return 128 + stop.signum
+    if result.status is None or result.interrupted is not None:
         _progress(result.describe())
-        if result.exit_code == EXIT_BOOT_FAILURE or result.timed_out:
-            tail = result.console_tail.replace("\r\n", "\n")[-2000:]
-            print(f"--- console tail ---\n{tail}\n---", file=sys.stderr)
+    if result.failed:
+        tail = result.console_tail.replace("\r\n", "\n")[-2000:]
+        print(f"--- console tail ---\n{tail}\n---", file=sys.stderr)
     return result.exit_code
 
 
@@ -205,11 +272,18 @@ def add_vm_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     fetch.add_argument("--force", action="store_true", help="fetch again even if cached")
     fetch.set_defaults(func=cmd_kernel_fetch)
 
-    boot = subparsers.add_parser("boot", help="boot a VM with an interactive console")
-    _add_vm_options(boot)
+    boot = subparsers.add_parser(
+        "boot", help="boot a VM with an interactive console",
+        description="Boot a VM with its console on this terminal. Leaving it (exit, poweroff, "
+        "Ctrl-A X) ends with status 0; 255 = guest kernel panic, 254 = init failed.")
+    _add_vm_options(boot, with_command=False)
     boot.set_defaults(func=cmd_boot)
-    run = subparsers.add_parser("run", help="boot, run -- CMD in the guest, exit with its status")
-    _add_vm_options(run)
+    run = subparsers.add_parser(
+        "run", help="boot, run -- CMD in the guest, exit with its status",
+        description="Boot a VM, run CMD in the host's working directory, exit with CMD's "
+        "status; 255 = guest kernel panic, 254 = CMD never started, 253 = --timeout, "
+        "128+N = stopped by signal N.")
+    _add_vm_options(run, with_command=True)
     run.set_defaults(func=cmd_run)
 
     add_net_commands(subparsers)

@@ -2,7 +2,13 @@
 
 This is the one entry point the CLI and the scenarios need: build
 :class:`LaunchOptions` once, then :func:`launch` with a request and, when the
-NVDIMMs are not plain ones, the backends to use.
+NVDIMMs are not plain ones, the backends to use.  :func:`dry_run_argv` renders
+the same command line with no side effect at all (no backend, no initramfs,
+no KVM probe, no run directory).
+
+Where things live: options in :class:`LaunchOptions` (parsed in
+cli/vm_commands.py), QEMU arguments in qemu.py (``qemu_argv``), kernel
+parameters for init.sh in :func:`kernel_params`, init's steps in init.sh.
 """
 
 from __future__ import annotations
@@ -20,10 +26,22 @@ from pathlib import Path
 
 from mktme_emu.errors import ConfigError
 from mktme_emu.vm.initramfs import GUEST_MODULES, build_initramfs
-from mktme_emu.vm.kernel import cache_dir, fetch_kernel
-from mktme_emu.vm.launcher import NvdimmBackend, PlainNvdimm, RunRequest, VmResult, run_vm, spec_of
+from mktme_emu.vm.kernel import cache_dir, fetch_kernel, load_kernel
+from mktme_emu.vm.launcher import PhaseHook, RunRequest, VmResult, run_vm
+from mktme_emu.vm.lifetime import WATCHDOG
 from mktme_emu.vm.net import GUEST_NET_MODULES, NetOptions, NetPlan, open_network, plan_network
-from mktme_emu.vm.qemu import QEMU, VmConfig, probe_kvm, profile_path
+from mktme_emu.vm.nvdimm import NvdimmBackend, PlainNvdimm, spec_of
+from mktme_emu.vm.qemu import (
+    MIN_LABEL_SIZE,
+    NVDIMM_ALIGN,
+    QEMU,
+    NvdimmSpec,
+    VmConfig,
+    probe_kvm,
+    profile_path,
+    qemu_argv,
+)
+from mktme_emu.vm.status import RwDir
 from mktme_emu.vocabulary import NAMESPACE_MODES
 
 NS_MODES = NAMESPACE_MODES  # the guest phases use the same names
@@ -59,8 +77,13 @@ class LaunchOptions:
     keep: bool = False  # leave the run directory (console.log, sockets) behind
     qemu: str = QEMU
     net: NetOptions = field(default_factory=NetOptions)  # guest networking (vm/net.py)
+    rwdirs: tuple[Path, ...] = ()  # host directories the guest may write, at the same path
 
     def __post_init__(self) -> None:
+        self._check_sizes()
+        for path in self.rwdirs:
+            if not path.is_absolute() or not path.is_dir():
+                raise ConfigError(f"--rwdir {path}: not an existing directory (absolute path)")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"--accel must be auto, kvm or tcg, not {self.accel!r}")
         if self.ns_mode is not None and self.ns_mode not in NS_MODES:
@@ -68,9 +91,21 @@ class LaunchOptions:
         if self.nvdimm_count < 0:
             raise ConfigError("the NVDIMM count cannot be negative")
 
+    def _check_sizes(self) -> None:
+        """Refuse bad sizes before anything is started (no backend, no temporary folder)."""
+        if self.nvdimm_size <= 0 or self.nvdimm_size % NVDIMM_ALIGN:
+            raise ConfigError(f"--nvdimm-size {self.nvdimm_size}: must be a positive multiple "
+                              "of 2M (fsdax maps the NVDIMM in 2 MiB pages)")
+        if self.label_size and self.label_size < MIN_LABEL_SIZE:
+            raise ConfigError(f"--label-size {self.label_size}: 0 (none) or at least 128K")
 
-def choose_accel(opts: LaunchOptions, kernel: Path, cache: Path, progress: Progress) -> str:
-    """The accelerator: as asked, or for auto a KVM probe (result cached for a day)."""
+
+def choose_accel(opts: LaunchOptions, kernel: Path, cache: Path, progress: Progress,
+                 probe: bool = True) -> str:
+    """The accelerator: as asked, or for auto a KVM probe (result cached for a day).
+
+    With ``probe`` False (--dry-run) only a cached result is used, else "tcg".
+    """
     if opts.accel != "auto":
         return opts.accel
     record = cache / "accel-probe.json"
@@ -80,6 +115,9 @@ def choose_accel(opts: LaunchOptions, kernel: Path, cache: Path, progress: Progr
         if data["key"] == key and time.time() - data["time"] < ACCEL_PROBE_TTL:
             progress(f"accel: {data['accel']} (cached probe: {data['reason']})")
             return str(data["accel"])
+    if not probe:
+        progress("accel: auto, not probed in a dry run: showing tcg")
+        return "tcg"
     choice = probe_kvm(kernel, opts.qemu)
     progress(f"accel: {choice.accel} ({choice.reason})")
     with contextlib.suppress(OSError):
@@ -117,20 +155,54 @@ def kernel_params(opts: LaunchOptions, interactive: bool,
     return tuple(params)
 
 
-def make_config(opts: LaunchOptions, backends: Sequence[NvdimmBackend], run_dir: Path,
+def rw_dirs(opts: LaunchOptions) -> tuple[RwDir, ...]:
+    """Each --rwdir with its 9p mount tag (rw0, rw1, ...), the one place tags are made."""
+    return tuple(RwDir(f"rw{i}", path.resolve()) for i, path in enumerate(opts.rwdirs))
+
+
+def make_config(opts: LaunchOptions, nvdimms: Sequence[NvdimmSpec], run_dir: Path,
                 interactive: bool, progress: Progress = _quiet,
                 net: NetPlan | None = None, tap_fd: int | None = None) -> VmConfig:
     """Fetch the kernel if needed, build the initramfs, pick the accel: a VmConfig."""
     cache = cache_dir(opts.cache)
     kernel = fetch_kernel(cache, progress=progress)
     initrd = build_initramfs(kernel, cache, GUEST_MODULES + (GUEST_NET_MODULES if net else ()))
+    accel = choose_accel(opts, kernel.vmlinuz, cache, progress)
+    return _config(opts, kernel.vmlinuz, initrd, accel, nvdimms, run_dir, interactive, net, tap_fd)
+
+
+def _config(opts: LaunchOptions, kernel: Path, initrd: Path, accel: str,
+            nvdimms: Sequence[NvdimmSpec], run_dir: Path, interactive: bool,
+            net: NetPlan | None, tap_fd: int | None) -> VmConfig:
     return VmConfig(
-        kernel=kernel.vmlinuz, initrd=initrd, profile=profile_path(opts.profile),
-        accel=choose_accel(opts, kernel.vmlinuz, cache, progress), run_dir=run_dir,
-        nvdimms=tuple(spec_of(b) for b in backends), memory=opts.memory, cpus=opts.cpus,
+        kernel=kernel, initrd=initrd, profile=profile_path(opts.profile), accel=accel,
+        run_dir=run_dir, nvdimms=tuple(nvdimms), memory=opts.memory, cpus=opts.cpus,
         interactive=interactive, gdb=opts.gdb, append=kernel_params(opts, interactive, net),
-        extra_args=opts.extra_args, qemu=opts.qemu,
+        extra_args=opts.extra_args, qemu=opts.qemu, rwdirs=rw_dirs(opts),
         net_args=net.qemu_args(tap_fd) if net else (), pass_fds=() if tap_fd is None else (tap_fd,))
+
+
+def dry_run_argv(opts: LaunchOptions, nvdimms: Sequence[NvdimmSpec], interactive: bool,
+                 progress: Progress = _quiet) -> list[str]:
+    """The QEMU command line a launch would use, with no side effect.
+
+    Nothing is downloaded, built, probed, created or started: the initramfs,
+    the run directory and the tap descriptor are shown as what a real launch
+    would create.
+    """
+    cache = cache_dir(opts.cache)
+    kernel = load_kernel(cache)
+    if kernel is None:
+        raise ConfigError("no guest kernel cached: run `mktme-emu kernel fetch` first "
+                          "(--dry-run downloads nothing)")
+    accel = choose_accel(opts, kernel.vmlinuz, cache, progress, probe=False)
+    initrd = cache / f"initramfs-{kernel.release}-<built at launch>.img"
+    run_dir = runtime_root() / f"vm-{os.getpid()}-<created at launch>"
+    net = plan_network(opts.net)
+    if net is not None:
+        progress(net.dry_run_line())
+    return qemu_argv(_config(opts, kernel.vmlinuz, initrd, accel, nvdimms, run_dir,
+                             interactive, net, None))
 
 
 @contextlib.contextmanager
@@ -139,6 +211,8 @@ def run_directory(keep: bool, progress: Progress = _quiet) -> Iterator[Path]:
     root = runtime_root()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"vm-{os.getpid()}-", dir=root))
+    if not keep:
+        WATCHDOG.guard_path(path)  # removed even if we are SIGKILLed
     try:
         yield path
     finally:
@@ -146,31 +220,48 @@ def run_directory(keep: bool, progress: Progress = _quiet) -> Iterator[Path]:
             progress(f"vm: kept {path}")
         else:
             shutil.rmtree(path, ignore_errors=True)
+            WATCHDOG.release_path(path)
+
+
+class _GuardedPlainNvdimm(PlainNvdimm):
+    """A plain NVDIMM whose view the watchdog removes if we die without closing it."""
+
+    def __init__(self, data_size: int, label_size: int = 0) -> None:
+        super().__init__(data_size, label_size)
+        WATCHDOG.guard_path(self.view_path)
+
+    def close(self) -> None:
+        super().close()
+        WATCHDOG.release_path(self.view_path)
 
 
 def plain_backends(opts: LaunchOptions) -> list[PlainNvdimm]:
     """Unencrypted NVDIMMs, for when no emulator backend is given."""
-    return [PlainNvdimm(opts.nvdimm_size, opts.label_size) for _ in range(opts.nvdimm_count)]
+    return [_GuardedPlainNvdimm(opts.nvdimm_size, opts.label_size)
+            for _ in range(opts.nvdimm_count)]
 
 
 def launch(opts: LaunchOptions, request: RunRequest,
            backends: Sequence[NvdimmBackend] | None = None,
-           progress: Progress = _quiet) -> VmResult:
+           progress: Progress = _quiet, phase: PhaseHook = _quiet) -> VmResult:
     """Boot a VM with ``backends`` (default: plain NVDIMMs made and closed here), do ``request``.
 
     Blocks until the VM is gone.  Backends passed in are not closed: the caller
-    owns them.  Raises ConfigError/VmError for host-side problems.
+    owns them.  ``phase`` is told each phase of the run (see launcher.py).
+    Raises ConfigError/VmError for host-side problems.
     """
     owned = plain_backends(opts) if backends is None else []
+    chosen: Sequence[NvdimmBackend] = owned if backends is None else backends
     try:
+        phase("backends-ready")
         net = plan_network(opts.net)
         with run_directory(opts.keep, progress) as run_dir, open_network(net, progress) as tap_fd:
-            cfg = make_config(opts, owned or backends or [], run_dir,
+            cfg = make_config(opts, [spec_of(b) for b in chosen], run_dir,
                               request.interactive, progress, net, tap_fd)
             if opts.gdb:
                 progress("gdb: gdb vmlinux -ex 'target remote :1234'")
-            progress(f"vm: QMP monitor socket {cfg.monitor_socket}")
-            return run_vm(cfg, owned or backends or [], request)
+            progress(f"vm: run directory {run_dir} (QMP monitor: {cfg.monitor_socket.name})")
+            return run_vm(cfg, chosen, request, progress, phase)
     finally:
         for backend in owned:
             backend.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import MktmeError, VmError
 from ..protocol import Client
+from .lifetime import WATCHDOG
 
 STOP_TIMEOUT = 120.0  # a SIGTERM writes everything back: give large devices time
 START_TIMEOUT = 60.0
@@ -46,14 +47,15 @@ class EmulatedNvdimm:
         self.options = options
         self._proc: subprocess.Popen[bytes] | None = None
         self._temp_dir: Path | None = None
-        if options.attach_socket is not None:
-            self.control_socket = options.attach_socket
-        else:
-            self.control_socket = self._start(index)
-        try:
+        self._guarded_view: Path | None = None
+        try:  # a failed start leaves nothing behind: no process, no temporary folder
+            if options.attach_socket is not None:
+                self.control_socket = options.attach_socket
+            else:
+                self.control_socket = self._start(index)
             with self._client() as client:
                 config = client.config()
-        except MktmeError:
+        except BaseException:
             self.close()
             raise
         self.view_path = Path(str(config.view))
@@ -61,6 +63,9 @@ class EmulatedNvdimm:
         self.label_size = config.label_size
         self.guest_socket: Path | None = self.control_socket.parent / "guest.sock"
         self.state_dir = self.control_socket.parent
+        if self._proc is not None and not options.keep:
+            self._guarded_view = self.view_path  # ours to remove, even if we are SIGKILLed
+            WATCHDOG.guard_path(self.view_path)
 
     def _start(self, index: int) -> Path:
         opts = self.options
@@ -68,6 +73,8 @@ class EmulatedNvdimm:
         if state is None:
             self._temp_dir = Path(tempfile.mkdtemp(prefix=f"mktme-nvdimm{index}-"))
             state = self._temp_dir
+            if not opts.keep:
+                WATCHDOG.guard_path(self._temp_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = [sys.executable, "-m", "mktme_emu.cli.main", "serve", "--state-dir", str(state),
                 "--size", str(opts.size), "--label-size", str(opts.label_size)]
@@ -76,8 +83,12 @@ class EmulatedNvdimm:
             if value is not None:
                 argv += [flag, str(value)]
         log = open(state / "backend.log", "ab")  # noqa: SIM115 (owned by the child)
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        # A session of its own: a terminal's ^C or hangup reaches the launcher,
+        # which stops the backend in order (SIGTERM = write back), not the backend.
+        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                      start_new_session=True)
         log.close()
+        WATCHDOG.guard_pid(self._proc.pid, grace=STOP_TIMEOUT)
         socket = state / "control.sock"
         self._wait_ready(socket, state / "backend.log")
         return socket
@@ -129,9 +140,15 @@ class EmulatedNvdimm:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        if self._proc is not None and not self.options.keep:
-            with contextlib.suppress(AttributeError, FileNotFoundError):
-                self.view_path.unlink()
+        if self._proc is not None:
+            WATCHDOG.release_pid(self._proc.pid)
+        if self._guarded_view is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._guarded_view.unlink()
+            WATCHDOG.release_path(self._guarded_view)
+            self._guarded_view = None
         if self._temp_dir is not None and not self.options.keep:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
+            WATCHDOG.release_path(self._temp_dir)
+            self._temp_dir = None
         self._proc = None

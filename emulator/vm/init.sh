@@ -3,10 +3,13 @@
 #
 # Why it looks like this: the guest has no distribution of its own.  It borrows
 # the host's root filesystem read-only over 9p (so ndctl, mkfs, python3 and the
-# project's venv are the host's), puts tmpfs where writes are needed, and runs
-# one command (or a shell) in a chroot of it.  Everything the host must know
-# travels on the virtio-serial port org.mktme.status, one line per message:
-#   host -> guest:  "boot N" | "cmd BASE64" | "interactive" | "go"
+# project's venv are the host's), makes /tmp and /var/tmp writable overlays of
+# the host's copies (writes stay in guest memory), mounts each --rwdir
+# read-write at its own path (writes land on the host), and runs one command
+# (or a shell) in a chroot of it.  Everything the host must know travels on
+# the virtio-serial port org.mktme.status, one line per message (the host side
+# is emulator/vm/status.py):
+#   host -> guest:  "boot N" | "cmd BASE64" | "interactive" | "rw TAG BASE64PATH" | "go"
 #   guest -> host:  "hello" | "start" | "exit RC" | "init-error MESSAGE"
 # Kernel parameters read here: mktme.ns=fsdax|devdax|raw (prepare every NVDIMM
 # namespace in that mode), mktme.tty=ROWSxCOLS, mktme.path=DIR (prepended to
@@ -22,6 +25,7 @@ STATUS=
 BOOT=0
 CMD=
 INTERACTIVE=0
+RW_MOUNTS=
 NS_MODE=
 TTY_SIZE=
 EXTRA_PATH=
@@ -108,6 +112,7 @@ open_status() {
             boot) BOOT=$value ;;
             cmd) CMD=$value ;;
             interactive) INTERACTIVE=1 ;;
+            rw) RW_MOUNTS="$RW_MOUNTS $value" ;;  # "TAG BASE64PATH" pairs
             go) return 0 ;;
         esac
     done
@@ -120,19 +125,26 @@ mount_root() {
         hostroot $NEWROOT || fail "cannot mount the host root over 9p"
     mkdir -p /hostview
     mount --bind $NEWROOT /hostview || fail "cannot bind the host root"
-    for dir in tmp run var/tmp mnt; do
+    # /tmp and /var/tmp: the host's files stay visible (a script in a host
+    # temporary directory runs), writes go to a tmpfs upper layer.
+    for dir in tmp var/tmp; do
+        [ -d "$NEWROOT/$dir" ] || continue
+        overlay_rw "$dir"
+    done
+    for dir in run mnt; do
         [ -d "$NEWROOT/$dir" ] || continue
         mount -t tmpfs -o mode=1777 tmpfs "$NEWROOT/$dir" || fail "cannot mount tmpfs on /$dir"
     done
-    # The project (source and venv) may live under one of those, e.g. a CI
-    # clone in /tmp: show the host's copy through the tmpfs.
+    # The project (source and venv) or the working directory may live under
+    # /run or /mnt: show the host's copy through the tmpfs.
     for dir in $KEEP_DIRS; do
-        case "$dir" in /tmp|/run|/var/tmp|/mnt|/) continue ;; esac
+        case "$dir" in /run|/mnt|/) continue ;; esac
         # Only what the tmpfs hid: a visible directory is left alone.
         [ -d "/hostview$dir" ] && [ ! -d "$NEWROOT$dir" ] || continue
         mkdir -p "$NEWROOT$dir" && mount --bind "/hostview$dir" "$NEWROOT$dir" \
             || fail "cannot show $dir in the guest"
     done
+    mount_rwdirs
     mount --bind /proc $NEWROOT/proc || fail "cannot bind /proc"
     mount --bind /sys $NEWROOT/sys || fail "cannot bind /sys"
     mount --bind /dev $NEWROOT/dev || fail "cannot bind /dev"
@@ -140,6 +152,31 @@ mount_root() {
     mount -t devpts devpts $NEWROOT/dev/pts
     mount -t tmpfs -o mode=1777 tmpfs $NEWROOT/dev/shm
     wrap_power_commands
+}
+
+# An overlay of the host's /$1 (read-only 9p) with a tmpfs upper layer, as
+# virtme-ng's --overlay-rwdir does.
+overlay_rw() {
+    upper=/overlay/$(echo "$1" | tr / _)
+    mkdir -p $upper
+    mount -t tmpfs -o mode=755 tmpfs $upper || fail "cannot mount tmpfs for /$1"
+    mkdir -p $upper/upper $upper/work
+    chmod 1777 $upper/upper
+    mount -t overlay -o "lowerdir=/hostview/$1,upperdir=$upper/upper,workdir=$upper/work" \
+        overlay "$NEWROOT/$1" || fail "cannot mount an overlay on /$1"
+}
+
+# Each --rwdir: the host exports it read-write under a tag; mount it at the
+# same path, over whatever shows that path now (an overlay, a tmpfs).
+mount_rwdirs() {
+    set -- $RW_MOUNTS
+    while [ $# -ge 2 ]; do
+        dir=$(echo "$2" | base64 -d) || fail "bad rwdir encoding"
+        mkdir -p "$NEWROOT$dir" 2>/dev/null
+        mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "$1" "$NEWROOT$dir" \
+            || fail "cannot mount --rwdir $dir"
+        shift 2
+    done
 }
 
 # The host's reboot/poweroff refuse to act in a chroot (systemctl); put

@@ -34,6 +34,7 @@ GUEST_MODULES: tuple[str, ...] = (
     # fscrypt's software ciphers (scenario fscrypt-offload): AES-256-XTS contents,
     # AES-256-CTS filenames, HMAC-SHA512 for its HKDF (aes, cbc, hmac are built in).
     "ecb", "xts", "cts", "sha512_generic",
+    "overlay",  # /tmp and /var/tmp: the host's copy with a tmpfs upper layer
 )
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -91,7 +92,7 @@ def build_entries(busybox: bytes, init: bytes, modules: Sequence[ModuleInfo]) ->
         Entry("init", f, init),
     ]
     applets = ("sh", "mount", "insmod", "cat", "ln", "mkdir", "chroot", "poweroff", "sync",
-               "sleep", "usleep", "ls", "grep", "base64", "setsid", "stty", "echo", "chmod", "printf")
+               "sleep", "usleep", "ls", "grep", "base64", "setsid", "stty", "echo", "chmod", "printf", "tr")
     entries += [Entry(f"bin/{a}", lnk, b"busybox") for a in applets]
     order = []
     for mod in modules:

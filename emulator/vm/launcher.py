@@ -1,222 +1,185 @@
-"""Start QEMU paused, hand the NVDIMM base to the backend, run the guest, report.
+"""Start QEMU paused, hand the NVDIMM base to the backends, run the guest, report.
 
-Lifecycle (all over QMP with qemu.qmp, QEMU started with -S):
-  1. connect, ``query-memory-devices`` -> each backend's ``attach(base)``
+This module owns the QEMU process and its QMP connection; the pure parts live
+beside it: what a run is asked and how it ended in :mod:`.outcome`, the
+status-line protocol in :mod:`.status`, the console filter and
+panic scanner in :mod:`.console`, the backend protocol in :mod:`.nvdimm`, the
+``nvdimm{i}`` id contract in :mod:`.qemu`, cleanup after a crash in
+:mod:`.lifetime`.
+
+Lifecycle (QEMU started with -S):
+  1. connect QMP, ``query-memory-devices`` -> each backend's ``attach(base)``
      before the guest runs a single instruction, then ``cont``;
-  2. RESET and SHUTDOWN events -> ``backend.power_cycle()``; GUEST_PANICKED
-     (pvpanic) -> the run ends at once with status 255;
-  3. the guest's init talks on the org.mktme.status port (see init.sh): we
-     answer its "hello" with the boot number and the command, it reports
-     "start", "exit RC" or "init-error MSG";
+  2. RESET and SHUTDOWN -> ``stop``, every backend's ``power_cycle()``, then
+     ``cont`` (after RESET): the guest never runs during a power cycle.
+     GUEST_PANICKED (pvpanic) -> the run ends at once with status 255;
+  3. init's status port (:mod:`.status`): hello, start, exit RC, init-error;
   4. the end: QEMU exits after the guest powers off; otherwise ``quit`` with a
-     timeout, then kill.
-Swapping the NVDIMM implementation is one line: pass another object that
-satisfies :class:`NvdimmBackend` in ``backends``.
+     timeout, then kill.  SIGINT/SIGTERM/SIGHUP end the run the same way.
+Phase events (``PhaseHook``) mark the way for a boot timer: qemu-started,
+guest-running, init-hello, command-start, command-end, teardown-done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import json
 import logging
-import os
-import re
-import shlex
+import signal
 import sys
-import tempfile
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
-from mktme_emu.errors import BootFailure, VmError
-from mktme_emu.vm.qemu import NvdimmSpec, VmConfig, qemu_argv
+from mktme_emu.errors import BootFailure, MktmeError, VmError
+from mktme_emu.vm.console import ConsoleFilter
+from mktme_emu.vm.lifetime import WATCHDOG, die_with_parent
+from mktme_emu.vm.nvdimm import NvdimmBackend, PlainNvdimm, spec_of
+from mktme_emu.vm.outcome import (
+    EXIT_BOOT_FAILURE,
+    EXIT_PANIC,
+    EXIT_TIMEOUT,
+    RunRequest,
+    VmResult,
+)
+from mktme_emu.vm.qemu import VmConfig, nvdimm_bases, qemu_argv
+from mktme_emu.vm.status import GuestPlan, StatusProtocol, command_script
 from qemu.qmp import EventListener, QMPClient
 
-#: Exit statuses of `run` that are not the command's own.
-EXIT_PANIC = 255  # the guest kernel panicked
-EXIT_BOOT_FAILURE = 254  # the command never started (init error, QEMU died, boot timeout)
-EXIT_TIMEOUT = 253  # the command started but did not finish within --timeout
-#: The kernel's last words at poweroff (KERN_EMERG, so `quiet` cannot hide it).
-_POWER_DOWN = re.compile(rb"\[ *\d+\.\d+\] reboot: Power down\n")
+__all__ = ["EXIT_BOOT_FAILURE", "EXIT_PANIC", "EXIT_TIMEOUT", "NvdimmBackend", "PhaseHook",
+           "PlainNvdimm", "RunRequest", "VmResult", "command_script", "run_vm", "spec_of"]
+
+#: A RESET after the guest ran this long without init saying hello is a panic
+#: (panic=-1 resets at once, before pvpanic can be loaded); SeaBIOS's own
+#: second RESET right after a reboot comes within milliseconds of running.
+PANIC_RESET_AFTER = 1.0
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+#: Called with a phase name as the run passes it (see the module docstring).
+PhaseHook = Callable[[str], None]
+Progress = Callable[[str], None]
 
 
-class NvdimmBackend(Protocol):
-    """What the launcher needs from whatever owns an NVDIMM."""
-
-    view_path: Path  # file QEMU maps with memory-backend-file,share=on (data then label area)
-    data_size: int  # bytes of the data area
-    label_size: int  # 0 = no label area; QEMU nvdimm label-size=
-    guest_socket: Path | None  # unix socket for the guest-role control channel, or None
-
-    def attach(self, base: int) -> None: ...  # guest physical base, before `cont`
-    def power_cycle(self) -> None: ...  # on QMP RESET and SHUTDOWN
-    def close(self) -> None: ...
+def _ignore(_: str) -> None:
+    """The default hook: nobody is listening."""
 
 
-def spec_of(backend: NvdimmBackend) -> NvdimmSpec:
-    """The QEMU-facing description of a backend."""
-    return NvdimmSpec(backend.view_path, backend.data_size, backend.label_size,
-                      backend.guest_socket)
+def _event_time(event: Mapping[str, Any]) -> float:
+    """A QMP event's own timestamp (QEMU's clock when it happened, not when we read it)."""
+    stamp = event.get("timestamp") or {}
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
 
 
-class PlainNvdimm:
-    """An unencrypted NVDIMM: a 0600 file in /dev/shm; records calls for tests."""
+class ResetClock:
+    """Tells a panic's RESET from a reboot's, by QEMU's own event timestamps.
 
-    def __init__(self, data_size: int, label_size: int = 0, directory: Path = Path("/dev/shm"),
-                 guest_socket: Path | None = None) -> None:
-        self.data_size = data_size
-        self.label_size = label_size
-        self.guest_socket = guest_socket
-        fd, name = tempfile.mkstemp(prefix="mktme-plain-", suffix=".view", dir=directory)
-        os.ftruncate(fd, data_size + label_size)
-        os.close(fd)  # mkstemp already made it 0600
-        self.view_path = Path(name)
-        self.bases: list[int] = []
-        self.power_cycles = 0
-
-    def attach(self, base: int) -> None:
-        self.bases.append(base)
-
-    def power_cycle(self) -> None:
-        self.power_cycles += 1
-
-    def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.view_path.unlink()
-
-
-@dataclass
-class VmResult:
-    """How a VM run ended.  ``exit_code`` is what `mktme-emu run` exits with."""
-
-    status: int | None = None  # the command's exit status, when it reported one
-    panicked: bool = False
-    started: bool = False
-    timed_out: bool = False
-    init_error: str | None = None
-    boots: int = 0  # how many times init started (1 + guest reboots)
-    bases: list[int] = field(default_factory=list)
-    console_tail: str = ""
-    output: str = ""  # the whole console output, when the request asked to capture it
-
-    @property
-    def exit_code(self) -> int:
-        if self.panicked:
-            return EXIT_PANIC
-        if self.status is not None:
-            return self.status
-        return EXIT_TIMEOUT if self.started and self.timed_out else EXIT_BOOT_FAILURE
-
-    def describe(self) -> str:
-        """One line saying why the run ended, for stderr."""
-        if self.panicked:
-            return "guest kernel panicked"
-        if self.status is not None:
-            return f"guest command exited with status {self.status}"
-        if self.init_error:
-            return f"guest init failed: {self.init_error}"
-        if self.timed_out:
-            return "timed out " + ("running the command" if self.started else "booting")
-        return "guest stopped before reporting a status"
-
-
-def command_script(argv: Sequence[str], cwd: str | None = None) -> str:
-    """The guest-side script for ``argv``: each word single-quoted, then exec'd.
-
-    Quoting is shlex's POSIX quoting, so any bytes survive; the script travels
-    base64-encoded on the status channel, never through a host shell.
+    A RESET is a panic when init did not say hello since the last reset and
+    the guest *ran* long enough to have said it.  Time spent stopped (a power
+    cycle of a big device) does not count: we measure from the later of the
+    last RESET and the last RESUME (our ``cont``), never by our own clock.
     """
-    lines = []
-    if cwd:
-        lines.append(f"cd -- {shlex.quote(cwd)} 2>/dev/null || cd /")
-    lines.append("exec " + shlex.join(argv))
-    return "\n".join(lines) + "\n"
 
+    def __init__(self) -> None:
+        self.hello_this_boot = False
+        self.last_reset = 0.0
+        self.running_since = 0.0
 
-@dataclass(frozen=True)
-class RunRequest:
-    """What the guest should do at each boot."""
+    def hello(self) -> None:
+        self.hello_this_boot = True
 
-    command: tuple[str, ...] = ()  # empty = an interactive shell
-    cwd: str | None = None
-    interactive: bool = False
-    timeout: float | None = 300.0  # whole run
-    boot_timeout: float = 60.0  # until the command starts
-    echo: bool = True  # stream the console to stdout (run mode)
-    capture: bool = False  # keep the whole console output in VmResult.output
+    def resumed(self, when: float) -> None:
+        self.running_since = when
+
+    def reset(self, when: float) -> bool:
+        """Record a RESET at ``when``; True if it is a panic."""
+        ran = when - max(self.last_reset, self.running_since)
+        panic = not self.hello_this_boot and ran > PANIC_RESET_AFTER
+        self.hello_this_boot = False
+        self.last_reset = when
+        return panic
 
 
 class _Session:
-    """One QEMU process and the asyncio tasks around it."""
+    """One QEMU process, its QMP connection, and the tasks around it."""
 
-    def __init__(self, cfg: VmConfig, backends: Sequence[NvdimmBackend], req: RunRequest):
+    def __init__(self, cfg: VmConfig, backends: Sequence[NvdimmBackend], req: RunRequest,
+                 progress: Progress, phase: PhaseHook) -> None:
         self.cfg, self.backends, self.req = cfg, backends, req
-        self.result = VmResult()
-        self.tail: deque[bytes] = deque(maxlen=64)
-        self.captured: list[bytes] = []
+        self.progress, self.phase = progress, phase
+        self.result = VmResult(interactive=req.interactive)
+        self.protocol = StatusProtocol(GuestPlan(req.command, req.cwd, req.interactive,
+                                                 cfg.rwdirs))
+        self.console = ConsoleFilter(capture=req.capture)
         self.started = asyncio.Event()
         self.finished = asyncio.Event()
         self.qmp = QMPClient("mktme-emu")
         self.proc: asyncio.subprocess.Process | None = None
-        self.hello_this_boot = False
-        self.last_reset = 0.0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.failures: list[BaseException] = []
+        self.clock = ResetClock()
+
+    # -- supervision: no exception is lost -----------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(self._guarded(coro))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _guarded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro``; an exception ends the run and is raised by :meth:`run`."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # kept, re-raised by run()
+            self.failures.append(exc)
+            self.finished.set()
 
     # -- guest channels ------------------------------------------------------
-    def _hello_reply(self) -> bytes:
-        lines = [f"boot {self.result.boots}"]  # 0 = first boot
-        if self.req.command:
-            script = command_script(self.req.command, self.req.cwd).encode()
-            lines.append("cmd " + base64.b64encode(script).decode())
-        if self.req.interactive:
-            lines.append("interactive")
-        return ("\n".join([*lines, "go"]) + "\n").encode()
-
     async def _status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve the guest init's status port for the whole VM lifetime (all boots)."""
+        """Serve init's status port for the whole VM lifetime (all boots)."""
+        await self._guarded(self._serve_status(reader, writer))
+
+    async def _serve_status(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
         while line := await reader.readline():
-            key, _, value = line.decode(errors="replace").strip().partition(" ")
-            if key == "hello":
-                self.hello_this_boot = True
-                writer.write(self._hello_reply())
-                self.result.boots += 1
+            kind, reply = self.protocol.feed(line)
+            if reply:
+                writer.write(reply)
                 await writer.drain()
-            elif key == "start":
-                self.result.started = True
+            state = self.protocol.state
+            self.result.boots, self.result.started = state.boots, state.started
+            self.result.status, self.result.init_error = state.status, state.init_error
+            if kind == "hello":
+                self.clock.hello()
+                self.phase("init-hello")
+                if state.boots > 1:
+                    self.progress("guest rebooted: NVDIMM power-cycled" if self.backends
+                                  else "guest rebooted")
+            elif kind == "start":
+                self.phase("command-start")
                 self.started.set()
-            elif key == "exit":
-                self.result.status = int(value)
-                self.finished.set()
-            elif key == "init-error":
-                self.result.init_error = value
+            elif state.finished:
+                self.phase("command-end")
                 self.finished.set()
 
     async def _console(self, reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
-        """Stream the serial console to stdout (minus the tty's \\r) and keep its tail.
+        await self._guarded(self._serve_console(reader))
 
-        A partial line that may be a kernel message ("[  time] ...") is held
-        until its newline, so the poweroff message can be dropped whole.
-        """
-        pending = b""
+    async def _serve_console(self, reader: asyncio.StreamReader) -> None:
+        """Stream the serial console to stdout through the filter; end the run on a panic."""
         while chunk := await reader.read(4096):
-            self.tail.append(chunk)
-            if self.req.capture:
-                self.captured.append(chunk)
-            if b"Kernel panic - not syncing" in b"".join(list(self.tail)[-2:]):
+            shown = self.console.feed(chunk)
+            if self.console.panicked and not self.result.panicked:
                 self.result.panicked = True
                 self.finished.set()
-            if not self.req.echo:
-                continue
-            data = (pending + chunk).replace(b"\r\n", b"\n")
-            cut = data.rfind(b"\n") + 1
-            hold = data[cut:].startswith(b"[") and len(data) - cut < 256
-            data, pending = (data[:cut], data[cut:]) if hold else (data, b"")
-            sys.stdout.buffer.write(_POWER_DOWN.sub(b"", data))
+            if self.req.echo and shown:
+                sys.stdout.buffer.write(shown)
+                sys.stdout.buffer.flush()
+        if self.req.echo:
+            sys.stdout.buffer.write(self.console.flush())
             sys.stdout.buffer.flush()
-        sys.stdout.buffer.write(pending)
-        sys.stdout.buffer.flush()
 
     # -- QMP -----------------------------------------------------------------
     async def _connect_qmp(self) -> None:
@@ -235,35 +198,36 @@ class _Session:
     async def _attach_backends(self) -> None:
         """Give each backend the base QEMU placed its NVDIMM at (never guessed)."""
         devices = await self.qmp.execute("query-memory-devices")
-        assert isinstance(devices, list)
-        bases = {d["data"]["id"]: d["data"]["addr"] for d in devices if d["type"] == "nvdimm"}
-        for i, backend in enumerate(self.backends):
-            base = bases.get(f"nvdimm{i}")
-            if base is None:
-                raise VmError(f"QEMU reports no NVDIMM nvdimm{i} (query-memory-devices)")
-            backend.attach(base)
+        for backend, base in zip(self.backends, nvdimm_bases(devices, len(self.backends)),
+                                 strict=True):
+            await asyncio.to_thread(backend.attach, base)
             self.result.bases.append(base)
 
     async def _events(self, listener: EventListener) -> None:
-        """Power-cycle backends on RESET/SHUTDOWN; end the run on GUEST_PANICKED."""
+        """Power-cycle backends on RESET/SHUTDOWN; end the run on a panic."""
         async for event in listener:
-            name = event["event"]
+            name, when = event["event"], _event_time(event)
             if name == "GUEST_PANICKED":
                 self.result.panicked = True
                 self.finished.set()
-                continue
-            for backend in self.backends:
-                await asyncio.to_thread(backend.power_cycle)
-            if name == "RESET":
-                # A reset long after the last one with no hello from init in
-                # between: a panic before pvpanic was loaded (panic=-1 resets at
-                # once).  SeaBIOS resets once more right after a reboot: ignored.
-                now = asyncio.get_running_loop().time()
-                if not self.hello_this_boot and now - self.last_reset > 1.0:
+            elif name == "RESUME":
+                self.clock.resumed(when)
+            elif name in ("RESET", "SHUTDOWN"):
+                if name == "RESET" and self.clock.reset(when):
                     self.result.panicked = True
                     self.finished.set()
-                self.hello_this_boot = False
-                self.last_reset = now
+                await self._power_cycle(resume=name == "RESET" and not self.result.panicked)
+
+    async def _power_cycle(self, resume: bool) -> None:
+        """Stop the vCPUs, power-cycle every backend, resume: atomic for the guest."""
+        stopped = False
+        with contextlib.suppress(Exception):  # QEMU may be exiting (SHUTDOWN)
+            await self.qmp.execute("stop")
+            stopped = True
+        for backend in self.backends:
+            await asyncio.to_thread(backend.power_cycle)
+        if resume and stopped:
+            await self.qmp.execute("cont")
 
     async def _watch_qemu(self) -> None:
         assert self.proc is not None
@@ -289,6 +253,32 @@ class _Session:
         for task in pending:
             task.cancel()
 
+    # -- start and teardown --------------------------------------------------
+    async def _start_qemu(self) -> None:
+        """QEMU, dying with us: PDEATHSIG, and the watchdog if we are SIGKILLed."""
+        interactive = self.cfg.interactive
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *qemu_argv(self.cfg), stdin=None if interactive else asyncio.subprocess.DEVNULL,
+                preexec_fn=die_with_parent, pass_fds=self.cfg.pass_fds,
+                # run: a terminal's ^C reaches only us, and we stop QEMU in order.
+                # boot: QEMU must stay in the terminal's foreground group to read it.
+                start_new_session=not interactive)
+        except FileNotFoundError as exc:
+            raise VmError(f"{self.cfg.qemu} not found: install qemu-system-x86") from exc
+        WATCHDOG.guard_pid(self.proc.pid, grace=5.0)
+        self.phase("qemu-started")
+        self._write_run_info()
+
+    def _write_run_info(self) -> None:
+        """run.json in the run directory: what this run started, for tools and tests."""
+        assert self.proc is not None
+        info = {"qemu_pid": self.proc.pid, "watchdog_pid": WATCHDOG.pid,
+                "backend_pids": [getattr(b, "pid", None) for b in self.backends],
+                "views": [str(b.view_path) for b in self.backends]}
+        path = self.cfg.run_dir / "run.json"
+        path.write_text(json.dumps(info))
+
     async def _stop_qemu(self, grace: float = 5.0) -> None:
         """Let QEMU exit by itself, else `quit` over QMP, else kill it."""
         assert self.proc is not None
@@ -302,57 +292,101 @@ class _Session:
         if self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+        WATCHDOG.release_pid(self.proc.pid)
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
 
+    def _interrupt(self, signum: int) -> None:
+        if self.result.interrupted is None:
+            self.result.interrupted = signum
+        self.finished.set()
+
+    @contextlib.contextmanager
+    def _signals_end_the_run(self) -> Iterator[None]:
+        """SIGINT/SIGTERM/SIGHUP end the run in order (main thread only), then restore."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        saved = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self._interrupt, sig)
+        try:
+            yield
+        finally:
+            for sig, handler in saved.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
+
+    async def _drive(self) -> None:
+        """From QEMU started (paused) to the end of the run."""
+        await self._connect_qmp()
+        listener = EventListener(("RESET", "SHUTDOWN", "GUEST_PANICKED", "RESUME"))
+        self.qmp.register_listener(listener)
+        self._spawn(self._events(listener))
+        self._spawn(self._watch_qemu())
+        await self._attach_backends()
+        await self.qmp.execute("cont")
+        self.phase("guest-running")
+        await self._wait_done()
+
+    @staticmethod
+    async def _listen(serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                      Coroutine[Any, Any, None]], path: Path) -> asyncio.Server:
+        try:
+            return await asyncio.start_unix_server(serve, path=path)
+        except OSError as exc:
+            raise VmError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+
     async def run(self) -> VmResult:
-        """Start QEMU, drive it to the end of the run, and always stop it."""
+        """Start QEMU, drive it to the end of the run, always stop it; raise task failures."""
         qmp_log = logging.getLogger("qemu.qmp")
         if qmp_log.level == logging.NOTSET:  # its INFO lines (EOF at quit) are noise here
             qmp_log.setLevel(logging.WARNING)
-        status = await asyncio.start_unix_server(self._status, path=self.cfg.status_socket)
-        console = None
+        servers = [await self._listen(self._status, self.cfg.status_socket)]
         if not self.cfg.interactive:
-            console = await asyncio.start_unix_server(self._console, path=self.cfg.console_socket)
-        stdio = None if self.cfg.interactive else asyncio.subprocess.DEVNULL
+            servers.append(await self._listen(self._console, self.cfg.console_socket))
         try:
-            self.proc = await asyncio.create_subprocess_exec(*qemu_argv(self.cfg), stdin=stdio,
-                                                             pass_fds=self.cfg.pass_fds)
-        except FileNotFoundError as exc:
-            raise VmError(f"{self.cfg.qemu} not found: install qemu-system-x86") from exc
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            await self._connect_qmp()
-            listener = EventListener(("RESET", "SHUTDOWN", "GUEST_PANICKED"))
-            self.qmp.register_listener(listener)
-            tasks = [asyncio.create_task(c) for c in (self._events(listener), self._watch_qemu())]
-            await self._attach_backends()
-            self.last_reset = asyncio.get_running_loop().time()
-            await self.qmp.execute("cont")
-            await self._wait_done()
+            with self._signals_end_the_run():
+                await self._start_qemu()
+                try:
+                    await self._drive()
+                finally:
+                    await self._stop_qemu()
         finally:
-            await self._stop_qemu()
-            for task in tasks:
+            for task in list(self.tasks):
                 task.cancel()
-            status.close()
-            if console:
-                console.close()
-        self.result.console_tail = b"".join(self.tail).decode(errors="replace")
-        self.result.output = b"".join(self.captured).decode(errors="replace")
-        if not self.result.console_tail and self.cfg.console_log.exists():
-            self.result.console_tail = self.cfg.console_log.read_text(errors="replace")[-4096:]
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            for server in servers:
+                server.close()
+            self.phase("teardown-done")
+        self._collect_console()
+        if self.failures:
+            failure = self.failures[0]
+            if isinstance(failure, MktmeError):
+                raise failure
+            raise VmError(f"the launcher failed: {type(failure).__name__}: {failure}") \
+                from failure
         return self.result
 
+    def _collect_console(self) -> None:
+        self.result.console_tail = self.console.tail()
+        self.result.output = self.console.captured()
+        if not self.result.console_tail and self.cfg.console_log.exists():
+            self.result.console_tail = self.cfg.console_log.read_text(errors="replace")[-4096:]
 
-def run_vm(cfg: VmConfig, backends: Sequence[NvdimmBackend], req: RunRequest) -> VmResult:
+
+def run_vm(cfg: VmConfig, backends: Sequence[NvdimmBackend], req: RunRequest,
+           progress: Progress = _ignore, phase: PhaseHook = _ignore) -> VmResult:
     """Boot ``cfg`` with ``backends`` as its NVDIMMs, do ``req``, return how it ended.
 
-    Blocks until the guest powers off, panics, or a timeout passes (QEMU is
-    then stopped: quit, then kill).  Raises VmError/BootFailure for host-side
-    problems (QEMU missing or dying at start-up, no NVDIMM in QMP); guest-side
-    outcomes (exit status, panic, init failure, timeout) are in the result.
-    Does not close the backends: their owner does.
+    Blocks until the guest powers off, panics, a timeout passes or a signal
+    (SIGINT/SIGTERM/SIGHUP) arrives; QEMU is then stopped: quit, then kill.
+    Raises VmError/BootFailure for host-side problems (QEMU missing or dying
+    at start-up, no NVDIMM in QMP, a backend failing a power cycle);
+    guest-side outcomes (exit status, panic, init failure, timeout) are in the
+    result.  Does not close the backends: their owner does.
     """
     if len(cfg.nvdimms) != len(backends):
         raise VmError("VmConfig.nvdimms must describe the given backends (use spec_of)")
-    return asyncio.run(_Session(cfg, backends, req).run())
+    return asyncio.run(_Session(cfg, backends, req, progress, phase).run())

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mktme_emu.errors import ConfigError
+from mktme_emu.errors import ConfigError, VmError
+from mktme_emu.vm.status import RwDir
 
 QEMU = "qemu-system-x86_64"
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "qemu-configs"
@@ -100,6 +101,7 @@ class VmConfig:
     qemu: str = QEMU
     net_args: tuple[str, ...] = ()  # -netdev/-device from vm.net.NetPlan.qemu_args
     pass_fds: tuple[int, ...] = ()  # fds QEMU inherits (the tap of --net tap)
+    rwdirs: tuple[RwDir, ...] = ()  # host directories the guest may write (--rwdir)
 
     @property
     def qmp_socket(self) -> Path:
@@ -128,6 +130,29 @@ class VmConfig:
         return parse_size(profile_value(self.profile, "memory", "size") or "512M")
 
 
+def nvdimm_id(index: int) -> str:
+    """The QEMU device id of the ``index``-th NVDIMM: the one name both sides use.
+
+    ``_nvdimm_args`` gives each -device this id, and :func:`nvdimm_bases`
+    finds each backend's base under it in ``query-memory-devices``.
+    """
+    return f"nvdimm{index}"
+
+
+def nvdimm_bases(devices: object, count: int) -> list[int]:
+    """The guest physical base of NVDIMMs 0..count-1 from QMP ``query-memory-devices``."""
+    if not isinstance(devices, list):
+        raise VmError("QMP query-memory-devices did not return a list")
+    found = {d["data"]["id"]: int(d["data"]["addr"]) for d in devices
+             if isinstance(d, dict) and d.get("type") == "nvdimm"}
+    bases = []
+    for index in range(count):
+        if nvdimm_id(index) not in found:
+            raise VmError(f"QEMU reports no NVDIMM {nvdimm_id(index)} (query-memory-devices)")
+        bases.append(found[nvdimm_id(index)])
+    return bases
+
+
 def _nvdimm_args(cfg: VmConfig) -> list[str]:
     """-object/-device pairs for each NVDIMM plus its guest control port."""
     args: list[str] = []
@@ -136,7 +161,7 @@ def _nvdimm_args(cfg: VmConfig) -> list[str]:
         args += ["-object", f"memory-backend-file,id=nvmem{i},share=on,"
                  f"mem-path={nv.view_path},size={nv.data_size + nv.label_size}"]
         label = f",label-size={nv.label_size}" if nv.label_size else ""
-        args += ["-device", f"nvdimm,id=nvdimm{i},memdev=nvmem{i}{label}"]
+        args += ["-device", f"nvdimm,id={nvdimm_id(i)},memdev=nvmem{i}{label}"]
         if nv.guest_socket is not None:
             port = CONTROL_PORT if i == 0 else f"{CONTROL_PORT}.{i}"
             args += ["-chardev", f"socket,id=ctl{i},path={nv.guest_socket},reconnect=1",
@@ -151,6 +176,17 @@ def _console_args(cfg: VmConfig) -> list[str]:
                 "-serial", "chardev:con", "-mon", "chardev=con,mode=readline"]
     return ["-chardev", f"socket,id=con,path={cfg.console_socket},logfile={cfg.console_log}",
             "-serial", "chardev:con"]
+
+
+def _share_args(cfg: VmConfig) -> list[str]:
+    """9p exports: the host root read-only, each --rwdir read-write (init.sh mounts them)."""
+    args = ["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
+            "readonly=on,multidevs=remap"]
+    for rw in cfg.rwdirs:
+        path = str(rw.path).replace(",", ",,")  # QEMU's option syntax escapes a comma
+        args += ["-virtfs", f"local,path={path},mount_tag={rw.tag},security_model=none,"
+                 "multidevs=remap"]
+    return args
 
 
 def qemu_argv(cfg: VmConfig) -> list[str]:
@@ -172,9 +208,8 @@ def qemu_argv(cfg: VmConfig) -> list[str]:
              "-action", "panic=pause"]
     argv += _console_args(cfg)
     argv += ["-chardev", f"socket,id=status,path={cfg.status_socket}",
-             "-device", f"virtserialport,bus=vser.0,chardev=status,name={STATUS_PORT}",
-             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
-             "readonly=on,multidevs=remap"]
+             "-device", f"virtserialport,bus=vser.0,chardev=status,name={STATUS_PORT}"]
+    argv += _share_args(cfg)
     argv += _nvdimm_args(cfg)
     argv += cfg.net_args
     if cfg.gdb:
