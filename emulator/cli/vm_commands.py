@@ -76,7 +76,17 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-size", type=size, default=0, help="NVDIMM label area (0 = none)")
     p.add_argument("--nvdimms", type=int, default=1, help="how many NVDIMMs (default 1)")
     p.add_argument("--ns", choices=NS_MODES, help="put every NVDIMM namespace in this mode at boot")
-    p.add_argument("--gdb", action="store_true", help="start a gdbstub on :1234")
+    p.add_argument("--gdb", type=int, nargs="?", const=1234, default=None, metavar="PORT",
+                   help="start a gdbstub on 127.0.0.1:PORT (default 1234) and boot with "
+                   "nokaslr; prints the gdb command line")
+    p.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="boot your own kernel: a bzImage/vmlinuz or a kernel build tree "
+                   "(default: Debian's, from the cache); its config is checked first")
+    p.add_argument("--modules", type=Path, metavar="DIR",
+                   help="the kernel's modules: an INSTALL_MOD_PATH tree or a modules directory "
+                   "(default: the build tree's own .ko files)")
+    p.add_argument("--append", action="append", default=[], metavar="ARGS",
+                   help="add ARGS to the kernel command line (repeatable)")
     p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
                    help="extra QEMU argument (repeat for each word)")
     p.add_argument("--cache", help="kernel/initramfs cache (default $MKTME_EMU_CACHE or XDG)")
@@ -104,7 +114,16 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         profile=args.profile, accel=args.accel, memory=args.memory, cpus=args.cpus,
         nvdimm_size=args.nvdimm_size, label_size=args.label_size, nvdimm_count=args.nvdimms,
         ns_mode=args.ns, gdb=args.gdb, extra_args=tuple(args.qemu_arg),
+        kernel=args.kernel, modules=args.modules, append=_append_words(args.append),
         cache=Path(args.cache) if args.cache else None, keep=args.keep)
+
+
+def _append_words(values: list[str]) -> tuple[str, ...]:
+    """--append values as given: the kernel, not a shell, parses its command line."""
+    for value in values:
+        if "\n" in value or "\0" in value:
+            raise ConfigError("--append: the kernel command line is one line")
+    return tuple(v.strip() for v in values if v.strip())
 
 
 def _command(args: argparse.Namespace) -> tuple[str, ...]:

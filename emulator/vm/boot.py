@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mktme_emu.errors import ConfigError
+from mktme_emu.vm.bootkernel import select_kernel
 from mktme_emu.vm.initramfs import build_initramfs
-from mktme_emu.vm.kernel import cache_dir, fetch_kernel
+from mktme_emu.vm.kernel import cache_dir
 from mktme_emu.vm.launcher import NvdimmBackend, PlainNvdimm, RunRequest, VmResult, run_vm, spec_of
 from mktme_emu.vm.qemu import QEMU, VmConfig, probe_kvm, profile_path
 
@@ -51,7 +52,10 @@ class LaunchOptions:
     label_size: int = 0
     nvdimm_count: int = 1
     ns_mode: str | None = None  # fsdax | devdax | raw: prepare namespaces at boot
-    gdb: bool = False
+    gdb: int | None = None  # gdbstub port on 127.0.0.1 (None = no stub)
+    kernel: Path | None = None  # --kernel: a bzImage or a build tree (None = Debian's)
+    modules: Path | None = None  # --modules: INSTALL_MOD_PATH tree or modules directory
+    append: tuple[str, ...] = ()  # --append: added to the kernel command line
     extra_args: tuple[str, ...] = ()
     cache: Path | None = None
     keep: bool = False  # leave the run directory (console.log, sockets) behind
@@ -115,13 +119,17 @@ def make_config(opts: LaunchOptions, backends: Sequence[NvdimmBackend], run_dir:
                 interactive: bool, progress: Progress = _quiet) -> VmConfig:
     """Fetch the kernel if needed, build the initramfs, pick the accel: a VmConfig."""
     cache = cache_dir(opts.cache)
-    kernel = fetch_kernel(cache, progress=progress)
+    kernel = select_kernel(opts.kernel, opts.modules, cache, opts.ns_mode, progress)
     initrd = build_initramfs(kernel, cache)
+    if opts.gdb is not None:
+        progress(f"gdb: {kernel.gdb_hint(opts.gdb)}")
+    debug = ("nokaslr",) if opts.gdb is not None else ()  # symbols at their link addresses
     return VmConfig(
-        kernel=kernel.vmlinuz, initrd=initrd, profile=profile_path(opts.profile),
-        accel=choose_accel(opts, kernel.vmlinuz, cache, progress), run_dir=run_dir,
+        kernel=kernel.image, initrd=initrd, profile=profile_path(opts.profile),
+        accel=choose_accel(opts, kernel.image, cache, progress), run_dir=run_dir,
         nvdimms=tuple(spec_of(b) for b in backends), memory=opts.memory, cpus=opts.cpus,
-        interactive=interactive, gdb=opts.gdb, append=kernel_params(opts, interactive),
+        interactive=interactive, gdb_port=opts.gdb,
+        append=(*kernel_params(opts, interactive), *debug, *opts.append),
         extra_args=opts.extra_args, qemu=opts.qemu)
 
 
@@ -158,8 +166,6 @@ def launch(opts: LaunchOptions, request: RunRequest,
         with run_directory(opts.keep, progress) as run_dir:
             cfg = make_config(opts, owned or backends or [], run_dir,
                               request.interactive, progress)
-            if opts.gdb:
-                progress("gdb: gdb vmlinux -ex 'target remote :1234'")
             progress(f"vm: QMP monitor socket {cfg.monitor_socket}")
             return run_vm(cfg, owned or backends or [], request)
     finally:

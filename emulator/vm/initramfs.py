@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mktme_emu.errors import VmError
-from mktme_emu.vm.kernel import GuestKernel
-from mktme_emu.vm.modules import ModuleInfo, read_module, resolve_in
+from mktme_emu.errors import ConfigError, VmError
+from mktme_emu.vm.bootkernel import BootKernel
+from mktme_emu.vm.kconfig import OPTION_MODULES, KernelConfig
+from mktme_emu.vm.modules import ModuleInfo, builtin_modules, canonical, index_modules, read_module, resolve
 
 #: The modules the guest needs, in load order of intent: pvpanic first so a
 #: panic anywhere later is reported; then the virtio transport and the
@@ -100,29 +101,67 @@ def build_entries(busybox: bytes, init: bytes, modules: Sequence[ModuleInfo]) ->
     return entries
 
 
-def cache_key(kernel: GuestKernel, busybox: bytes, init: bytes,
+def cache_key(kernel: BootKernel, busybox: bytes, init: bytes,
               wanted: Sequence[str]) -> str:
     """Hash of everything that goes into the image, so a change rebuilds it."""
     digest = hashlib.sha256(FORMAT_VERSION)
-    for part in (kernel.sha256.encode(), kernel.release.encode(),
+    for part in (kernel.identity.encode(), kernel.release.encode(),
                  hashlib.sha256(busybox).digest(), init, ",".join(wanted).encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
 
 
-def build_initramfs(kernel: GuestKernel, cache: Path,
-                    wanted: Sequence[str] = GUEST_MODULES) -> Path:
-    """Return the path of the gzip'd cpio for ``kernel``, building it if not cached.
+def modules_to_load(wanted: Sequence[str], config: KernelConfig | None) -> list[str]:
+    """``wanted`` minus the modules whose option the config has off.
 
-    Raises VmError naming a module the kernel lacks, or when busybox-static is
-    missing.  Writes atomically (temp file + rename), so concurrent runs are safe.
+    Those are optional features (pvpanic) or one of two filesystems; a
+    missing required option was already refused by the config check.
+    Modules the table does not know are kept: resolving names what is missing.
+    """
+    if config is None:
+        return list(wanted)
+    option_of = {module: option for option, module in OPTION_MODULES.items()}
+    return [m for m in wanted
+            if m not in option_of or config.enabled(option_of[m]) is not False]
+
+
+def builtin_names(kernel: BootKernel) -> frozenset[str]:
+    """Modules the kernel has built in: modules.builtin plus the config's =y options."""
+    names = set(builtin_modules(kernel.modules_dir)) if kernel.modules_dir else set()
+    if kernel.config is not None:
+        names |= {canonical(module) for option, module in OPTION_MODULES.items()
+                  if kernel.config.options.get(option) == "y"}
+    return frozenset(names)
+
+
+def resolve_modules(kernel: BootKernel, wanted: Sequence[str]) -> list[ModuleInfo]:
+    """The load order for ``wanted`` on ``kernel``; ConfigError naming a module it lacks."""
+    if kernel.module_index is not None:
+        index = kernel.module_index
+    else:
+        index = index_modules(kernel.modules_dir) if kernel.modules_dir else {}
+    try:
+        return resolve(wanted, index, builtin_names(kernel))
+    except VmError as exc:
+        where = f"in {kernel.modules_dir}" if kernel.modules_dir else "(no modules: pass --modules DIR)"
+        raise ConfigError(f"{exc} {where}") from exc
+
+
+def build_initramfs(kernel: BootKernel, cache: Path,
+                    wanted: Sequence[str] = GUEST_MODULES) -> Path:
+    """Return the path of the cpio for ``kernel``, building it if not cached.
+
+    Raises ConfigError naming a module the kernel lacks, VmError when
+    busybox-static is missing.  Writes atomically (temp file + rename), so
+    concurrent runs are safe.
     """
     busybox = find_busybox().read_bytes()
     init = init_script()
-    target = cache / f"initramfs-{kernel.release}-{cache_key(kernel, busybox, init, wanted)}.img"
+    load = modules_to_load(wanted, kernel.config)
+    target = cache / f"initramfs-{kernel.release}-{cache_key(kernel, busybox, init, load)}.img"
     if target.is_file():
         return target
-    modules = resolve_in(kernel.modules_dir, wanted)
+    modules = resolve_modules(kernel, load)
     archive = cpio_newc(build_entries(busybox, init, modules))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
