@@ -21,7 +21,6 @@ import array
 import enum
 import os
 import select
-import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -186,6 +185,8 @@ class SocketTransport:
     """A connected unix stream socket; receives descriptors passed with SCM_RIGHTS."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float | None = None) -> None:
+        import socket  # here: the guest's port transport never needs it, and it is slow there
+
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -198,6 +199,8 @@ class SocketTransport:
         self.sock.sendall(data)
 
     def recv_exact(self, size: int) -> tuple[bytes, list[int]]:
+        import socket  # already loaded by __init__: a dictionary lookup
+
         chunks: list[bytes] = []
         fds: list[int] = []
         got = 0

@@ -16,10 +16,13 @@ import contextlib
 import fcntl
 import json
 import os
-import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CommandFailed, DeviceError
+
+if TYPE_CHECKING:  # run() imports it: `mktme-guest status` lists devices without a tool
+    import subprocess
 
 BLKFLSBUF = 0x1261
 NS_MODES = ("fsdax", "devdax", "raw")
@@ -36,6 +39,8 @@ def run(argv: list[str], timeout: float = 600.0, check: bool = True,
 
     ``env`` adds variables to the inherited environment.
     """
+    import subprocess
+
     full_env = {**os.environ, **env} if env else None
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
