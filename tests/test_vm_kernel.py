@@ -200,3 +200,29 @@ def test_gdb_with_debian_kernel_points_at_the_dbg_package(
     hint = next(line for line in err.splitlines() if "gdb:" in line)
     assert f"linux-image-{kernel.release}-dbg" in hint
     assert "nokaslr" in shlex.split(out)[shlex.split(out).index("-append") + 1]
+
+
+# -- direct (PVH) boot ---------------------------------------------------------------------------
+
+def test_debian_bzimage_unpacks_to_a_pvh_elf(tmp_path: Path) -> None:
+    from mktme_emu.vm.pvh import direct_boot_image, extract_elf, has_pvh_entry
+
+    kernel = load_kernel(cache_dir())
+    if kernel is None:
+        pytest.skip("no cached guest kernel")
+    elf = extract_elf(kernel.vmlinuz.read_bytes())
+    assert elf is not None and elf.startswith(b"\x7fELF") and has_pvh_entry(elf)
+    image = direct_boot_image(kernel.vmlinuz, "0" * 64, tmp_path, lambda _: None)
+    assert image is not None and image.read_bytes() == elf
+
+
+def test_image_without_payload_boots_as_bzimage(tmp_path: Path) -> None:
+    from mktme_emu.vm.pvh import direct_boot_image, has_pvh_entry
+
+    said: list[str] = []
+    image = fake_bzimage(tmp_path / "bzImage")
+    assert direct_boot_image(image, "1" * 64, tmp_path / "cache", said.append) is None
+    assert said and "booting the bzImage" in said[0]
+    assert direct_boot_image(image, "1" * 64, tmp_path / "cache", said.append) is None
+    assert len(said) == 1  # the verdict is remembered
+    assert not has_pvh_entry(b"\x7fELF not really")

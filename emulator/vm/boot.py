@@ -23,6 +23,7 @@ from mktme_emu.vm.bootkernel import select_kernel
 from mktme_emu.vm.initramfs import build_initramfs
 from mktme_emu.vm.kernel import cache_dir
 from mktme_emu.vm.launcher import NvdimmBackend, PlainNvdimm, RunRequest, VmResult, run_vm, spec_of
+from mktme_emu.vm.pvh import direct_boot_image
 from mktme_emu.vm.qemu import QEMU, VmConfig, probe_kvm, profile_path
 
 NS_MODES = ("fsdax", "devdax", "raw")
@@ -124,8 +125,9 @@ def make_config(opts: LaunchOptions, backends: Sequence[NvdimmBackend], run_dir:
     if opts.gdb is not None:
         progress(f"gdb: {kernel.gdb_hint(opts.gdb)}")
     debug = ("nokaslr",) if opts.gdb is not None else ()  # symbols at their link addresses
+    image = direct_boot_image(kernel.image, kernel.identity, cache, progress) or kernel.image
     return VmConfig(
-        kernel=kernel.image, initrd=initrd, profile=profile_path(opts.profile),
+        kernel=image, initrd=initrd, profile=profile_path(opts.profile),
         accel=choose_accel(opts, kernel.image, cache, progress), run_dir=run_dir,
         nvdimms=tuple(spec_of(b) for b in backends), memory=opts.memory, cpus=opts.cpus,
         interactive=interactive, gdb_port=opts.gdb,

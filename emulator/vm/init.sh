@@ -7,7 +7,7 @@
 # one command (or a shell) in a chroot of it.  Everything the host must know
 # travels on the virtio-serial port org.mktme.status, one line per message:
 #   host -> guest:  "boot N" | "cmd BASE64" | "interactive" | "go"
-#   guest -> host:  "hello" | "start" | "exit RC" | "init-error MESSAGE"
+#   guest -> host:  "hello UPTIME" | "start" | "exit RC" | "init-error MESSAGE"
 # Kernel parameters read here: mktme.ns=fsdax|devdax|raw (prepare every NVDIMM
 # namespace in that mode), mktme.tty=ROWSxCOLS, mktme.path=DIR (prepended to
 # PATH), mktme.debug=1 (trace this script on the console).
@@ -81,7 +81,8 @@ open_status() {
     [ -e /dev/virtio-ports/$STATUS_PORT ] || fail "virtio-serial port $STATUS_PORT not found"
     exec 3<>/dev/virtio-ports/$STATUS_PORT || fail "cannot open $STATUS_PORT"
     STATUS=1
-    send hello
+    read -r uptime _ </proc/uptime  # the kernel's own clock, for the host's phase timer
+    send "hello $uptime"
     while read -r key value <&3; do
         case "$key" in
             boot) BOOT=$value ;;

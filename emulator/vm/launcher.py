@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mktme_emu.errors import BootFailure, VmError
+from mktme_emu.vm import timeline
 from mktme_emu.vm.qemu import NvdimmSpec, VmConfig, qemu_argv
 from qemu.qmp import EventListener, QMPClient
 
@@ -101,6 +102,7 @@ class VmResult:
     bases: list[int] = field(default_factory=list)
     console_tail: str = ""
     output: str = ""  # the whole console output, when the request asked to capture it
+    phases: tuple[timeline.PhaseMark, ...] = ()  # when each phase was reached (bench)
 
     @property
     def exit_code(self) -> int:
@@ -163,6 +165,7 @@ class _Session:
         self.proc: asyncio.subprocess.Process | None = None
         self.hello_this_boot = False
         self.last_reset = 0.0
+        self.timer = timeline.PhaseTimer()
 
     # -- guest channels ------------------------------------------------------
     def _hello_reply(self) -> bytes:
@@ -179,14 +182,17 @@ class _Session:
         while line := await reader.readline():
             key, _, value = line.decode(errors="replace").strip().partition(" ")
             if key == "hello":
+                self.timer.mark(timeline.INIT_HELLO, value)
                 self.hello_this_boot = True
                 writer.write(self._hello_reply())
                 self.result.boots += 1
                 await writer.drain()
             elif key == "start":
+                self.timer.mark(timeline.COMMAND_START)
                 self.result.started = True
                 self.started.set()
             elif key == "exit":
+                self.timer.mark(timeline.COMMAND_EXIT)
                 self.result.status = int(value)
                 self.finished.set()
             elif key == "init-error":
@@ -319,15 +325,18 @@ class _Session:
             self.proc = await asyncio.create_subprocess_exec(*qemu_argv(self.cfg), stdin=stdio)
         except FileNotFoundError as exc:
             raise VmError(f"{self.cfg.qemu} not found: install qemu-system-x86") from exc
+        self.timer.mark(timeline.QEMU_STARTED)
         tasks: list[asyncio.Task[None]] = []
         try:
             await self._connect_qmp()
+            self.timer.mark(timeline.QMP_READY)
             listener = EventListener(("RESET", "SHUTDOWN", "GUEST_PANICKED"))
             self.qmp.register_listener(listener)
             tasks = [asyncio.create_task(c) for c in (self._events(listener), self._watch_qemu())]
             await self._attach_backends()
             self.last_reset = asyncio.get_running_loop().time()
             await self.qmp.execute("cont")
+            self.timer.mark(timeline.GUEST_RUNNING)
             await self._wait_done()
         finally:
             await self._stop_qemu()
@@ -336,6 +345,8 @@ class _Session:
             status.close()
             if console:
                 console.close()
+            self.timer.mark(timeline.TEARDOWN)
+            self.result.phases = self.timer.marks()
         self.result.console_tail = b"".join(self.tail).decode(errors="replace")
         self.result.output = b"".join(self.captured).decode(errors="replace")
         if not self.result.console_tail and self.cfg.console_log.exists():
