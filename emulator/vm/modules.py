@@ -40,6 +40,7 @@ class ModuleInfo:
     name: str
     path: Path
     depends: tuple[str, ...]
+    aliases: tuple[str, ...] = ()  # what request_module() may ask for (fs-ext4, crypto-crc32c)
 
 
 def read_module(path: Path) -> bytes:
@@ -94,7 +95,7 @@ def module_info(path: Path) -> ModuleInfo:
     stem = path.name.split(".ko")[0]
     name = canonical(info.get("name", [stem])[0])
     deps = tuple(canonical(d) for d in ",".join(info.get("depends", [])).split(",") if d)
-    return ModuleInfo(name=name, path=path, depends=deps)
+    return ModuleInfo(name=name, path=path, depends=deps, aliases=tuple(info.get("alias", [])))
 
 
 def _module_name(filename: str) -> str | None:
