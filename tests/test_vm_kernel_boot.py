@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from mktme_emu.vm import timeline
 from mktme_emu.vm.boot import LaunchOptions, launch
 from mktme_emu.vm.kernel import cache_dir, load_kernel
 from mktme_emu.vm.launcher import RunRequest
@@ -27,6 +28,13 @@ def test_debian_vmlinuz_as_own_kernel_with_its_module_tree() -> None:
     assert KERNEL.release in result.output
     assert "pfn" in result.output  # the fsdax namespace: its modules came from --modules
     assert "/dev/pmem0" in result.output
+    # the launcher's phase timer saw every phase, in order, and init's kernel uptime
+    names = [m.name for m in result.phases]
+    assert names == [timeline.QEMU_STARTED, timeline.QMP_READY, timeline.GUEST_RUNNING,
+                     timeline.INIT_HELLO, timeline.COMMAND_START, timeline.COMMAND_EXIT,
+                     timeline.TEARDOWN]
+    hello = result.phases[names.index(timeline.INIT_HELLO)]
+    assert 0 < float(hello.detail.split()[0]) < hello.at - result.phases[0].at
 
 
 def test_filesystems_load_when_first_mounted() -> None:
