@@ -31,7 +31,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "pvpanic_pci",
     "virtio_pci", "virtio_console", "9pnet_virtio", "9p",
     "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax",
-    "crc32c_generic", "ext4", "xfs",
+    "crc32c_generic", "ext4", "xfs", "overlay",
 )
 
 #: Loaded when the kernel first asks for them (a mount of that filesystem), not at
@@ -39,7 +39,7 @@ GUEST_MODULES: tuple[str, ...] = (
 #: insmod most of init's time under TCG.  The kernel's request_module() runs
 #: MODPROBE (init.sh points /proc/sys/kernel/modprobe at it), which loads the
 #: chain ON_DEMAND_TABLE lists for the alias asked.
-ON_DEMAND = frozenset({"crc32c_generic", "ext4", "xfs"})
+ON_DEMAND = frozenset({"crc32c_generic", "ext4", "xfs", "overlay"})
 MODPROBE = "lib/modules/modprobe"
 ON_DEMAND_TABLE = "lib/modules/on-demand"
 _MODPROBE_SCRIPT = b"""#!/bin/sh
