@@ -71,10 +71,13 @@ def test_parse_config_reads_values_and_unset_options() -> None:
 
 
 def test_config_inferred_from_modules_leaves_the_rest_unknown() -> None:
-    config = config_from_modules({"ext4", "nfit"}, {"virtio_pci"}, "modules")
-    assert config.options == {"EXT4_FS": "m", "ACPI_NFIT": "m", "VIRTIO_PCI": "y"}
+    config = config_from_modules({"ext4", "nfit"}, None, "modules")
+    assert config.options == {"EXT4_FS": "m", "ACPI_NFIT": "m"}
     assert config.enabled("FS_DAX") is None  # no module tells about a bool option
-    assert config.enabled("XFS_FS") is None
+    assert config.enabled("XFS_FS") is None  # without modules.builtin it may be built in
+    listed = config_from_modules({"ext4", "nfit"}, {"virtio_pci"}, "modules")
+    assert listed.options["VIRTIO_PCI"] == "y" and listed.options["XFS_FS"] == "n"
+    assert listed.enabled("XFS_FS") is False and listed.enabled("FS_DAX") is None
 
 
 def test_check_needs_any_one_filesystem_and_the_mode_options() -> None:
@@ -142,6 +145,31 @@ def test_tree_kernel_has_its_vmlinux_and_release(tmp_path: Path) -> None:
     assert f"target remote 127.0.0.1:1234' {tree / 'vmlinux'}" in kernel.gdb_hint(1234)
 
 
+def test_bare_image_config_is_inferred_from_its_modules(tmp_path: Path) -> None:
+    from mktme_emu.vm.bootkernel import select_kernel
+
+    image = fake_bzimage(tmp_path / "boot" / "vmlinuz")
+    tree = tmp_path / "inst" / "lib" / "modules" / "6.9.0-mktme"
+    (tree / "kernel" / "fs").mkdir(parents=True)
+    for module in ("ext4", "nfit", "9p"):
+        (tree / "kernel" / "fs" / f"{module}.ko").write_bytes(b"")
+    (tree / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    kernel = user_kernel(image, tmp_path / "inst")
+    assert kernel.modules_dir == tree and kernel.config is not None
+    assert not kernel.config.complete
+    on = {o: v for o, v in kernel.config.options.items() if v != "n"}
+    assert on == {"EXT4_FS": "m", "ACPI_NFIT": "m", "9P_FS": "m", "VIRTIO_PCI": "y"}
+    # a module that is neither a file nor built in: refused, naming it
+    with pytest.raises(ConfigError, match=r"CONFIG_VIRTIO_CONSOLE \(") as refused:
+        select_kernel(image, tmp_path / "inst", tmp_path / "cache", "fsdax", print)
+    assert "CONFIG_FS_DAX" not in str(refused.value)  # a bool option no module tells about
+    for module in ("virtio_console", "9pnet", "9pnet_virtio", "overlay", "libnvdimm", "nd_pmem"):
+        (tree / "kernel" / "fs" / f"{module}.ko").write_bytes(b"")
+    said: list[str] = []
+    select_kernel(image, tmp_path / "inst", tmp_path / "cache", "fsdax", said.append)
+    assert any("cannot check" in s and "CONFIG_FS_DAX" in s for s in said), said
+
+
 # -- the CLI, without booting -------------------------------------------------------------------
 
 def dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -> tuple[int, str, str]:
@@ -199,6 +227,7 @@ def test_gdb_with_debian_kernel_points_at_the_dbg_package(
     assert code == 0, err
     hint = next(line for line in err.splitlines() if "gdb:" in line)
     assert f"linux-image-{kernel.release}-dbg" in hint
+    assert "not checked" not in err and "cannot check" not in err  # found boot/config-R beside it
     assert "nokaslr" in shlex.split(out)[shlex.split(out).index("-append") + 1]
 
 

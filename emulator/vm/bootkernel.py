@@ -170,7 +170,8 @@ def _config(tree: Path | None, config_path: Path | None, modules_dir: Path | Non
     if tree is not None:
         raise ConfigError(f"{tree} has no .config: is it a configured kernel build tree?")
     if modules_dir is not None:
-        return config_from_modules(index, builtin_modules(modules_dir),
+        listed = (modules_dir / "modules.builtin").is_file()
+        return config_from_modules(index, builtin_modules(modules_dir) if listed else None,
                                    f"inferred from the modules in {modules_dir}")
     return None
 

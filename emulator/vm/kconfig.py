@@ -83,15 +83,23 @@ def read_config(path: Path) -> KernelConfig:
     return config
 
 
-def config_from_modules(available: Iterable[str], builtin: Iterable[str], source: str) -> KernelConfig:
-    """What the module files (``m``) and ``modules.builtin`` (``y``) say about our options."""
-    have, inside = set(available), set(builtin)
+def config_from_modules(available: Iterable[str], builtin: Iterable[str] | None,
+                        source: str) -> KernelConfig:
+    """What the module files (``m``) and ``modules.builtin`` (``y``) say about our options.
+
+    With a ``modules.builtin`` list (``builtin`` not None) a tristate option
+    whose module is neither a file nor listed is off (``n``); without one it
+    stays unknown, as do options that have no module at all.
+    """
+    have, inside = set(available), set(builtin or ())
     options: dict[str, str] = {}
     for option, module in OPTION_MODULES.items():
         if module in inside:
             options[option] = "y"
         elif module in have:
             options[option] = "m"
+        elif builtin is not None:
+            options[option] = "n"
     return KernelConfig(options, source, complete=False)
 
 
