@@ -215,6 +215,15 @@ def test_gdb_port_defaults_to_1234(capsys: pytest.CaptureFixture[str], tmp_path:
     argv = shlex.split(out)
     assert code == 0 and argv[argv.index("-gdb") + 1] == "tcp:127.0.0.1:1234"
     assert "VMLINUX" in err  # no vmlinux in the tree: no path that is not there
+    assert argv[argv.index("-smp") + 1] == "1"  # TCG: one vCPU unless asked
+
+
+def test_cpus_option_overrides_the_tcg_default(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path / "linux", every_option())
+    code, out, _ = dry_run(capsys, tmp_path, "--kernel", str(tree), "--cpus", "2")
+    argv = shlex.split(out)
+    assert code == 0 and argv[argv.index("-smp") + 1] == "2"
 
 
 def test_gdb_with_debian_kernel_points_at_the_dbg_package(

@@ -71,7 +71,9 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
                    help="auto probes KVM with a short timeout and falls back to TCG")
     p.add_argument("--memory", type=size, help="guest RAM (default: the profile's)")
-    p.add_argument("--cpus", type=int, help="guest CPUs (default: the profile's)")
+    p.add_argument("--cpus", type=int,
+                   help="guest CPUs (default: the profile's with KVM, 1 under TCG, where a "
+                   "second one slows the boot)")
     p.add_argument("--nvdimm-size", type=size, default=256 << 20, help="data area (default 256M)")
     p.add_argument("--label-size", type=size, default=0, help="NVDIMM label area (0 = none)")
     p.add_argument("--nvdimms", type=int, default=1, help="how many NVDIMMs (default 1)")

@@ -28,6 +28,7 @@ from mktme_emu.vm.qemu import QEMU, VmConfig, probe_kvm, profile_path
 
 NS_MODES = ("fsdax", "devdax", "raw")
 ACCEL_PROBE_TTL = 24 * 3600.0
+TCG_CPUS = 1  # guest CPUs under TCG unless --cpus says otherwise (the profile's are for KVM)
 Progress = Callable[[str], None]
 
 
@@ -126,10 +127,14 @@ def make_config(opts: LaunchOptions, backends: Sequence[NvdimmBackend], run_dir:
         progress(f"gdb: {kernel.gdb_hint(opts.gdb)}")
     debug = ("nokaslr",) if opts.gdb is not None else ()  # symbols at their link addresses
     image = direct_boot_image(kernel.image, kernel.identity, cache, progress) or kernel.image
+    accel = choose_accel(opts, kernel.image, cache, progress)
+    # Under TCG a second vCPU costs boot ~40% (bring-up, calibration, MTTCG
+    # contention on the host) and buys nothing the guest tools use.
+    cpus = opts.cpus or (TCG_CPUS if accel == "tcg" else None)
     return VmConfig(
         kernel=image, initrd=initrd, profile=profile_path(opts.profile),
-        accel=choose_accel(opts, kernel.image, cache, progress), run_dir=run_dir,
-        nvdimms=tuple(spec_of(b) for b in backends), memory=opts.memory, cpus=opts.cpus,
+        accel=accel, run_dir=run_dir,
+        nvdimms=tuple(spec_of(b) for b in backends), memory=opts.memory, cpus=cpus,
         interactive=interactive, gdb_port=opts.gdb,
         append=(*kernel_params(opts, interactive), *debug, *opts.append),
         extra_args=opts.extra_args, qemu=opts.qemu)
