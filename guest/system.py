@@ -17,10 +17,10 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import CommandFailed, DeviceError
 
+TYPE_CHECKING = False  # not typing's (see mktme_emu.protocol)
 if TYPE_CHECKING:  # run() imports it: `mktme-guest status` lists devices without a tool
     import subprocess
 

@@ -18,7 +18,7 @@ import pytest
 HEAVY = ("numpy", "cryptography", "elftools", "qemu", "asyncio")
 #: Not needed by `status`: what the other commands import when they run.
 NOT_FOR_STATUS = (*HEAVY, "mktme_guest.phases", "mktme_guest.dax", "ctypes", "logging",
-                  "subprocess", "socket", "mktme_emu.vm", "mktme_emu.controller")
+                  "subprocess", "socket", "typing", "mktme_emu.vm", "mktme_emu.controller")
 
 
 def imported_after(code: str) -> set[str]:
