@@ -60,7 +60,7 @@ load_modules() {
         insmod "/lib/modules/$mod" 2>/dev/console || fail "insmod $mod failed"
     done </lib/modules/order
     # The filesystems (ext4, xfs) load when first mounted: the kernel asks this helper.
-    echo /lib/modules/modprobe >/proc/sys/kernel/modprobe
+    [ -e /proc/sys/kernel/modprobe ] && echo /lib/modules/modprobe >/proc/sys/kernel/modprobe
 }
 
 # Without udev nobody names the ports: /dev/vportNpM gets a symlink
