@@ -76,7 +76,7 @@ GUEST_REQUESTS = frozenset({Request.GET_FEATURES, Request.GET_CONFIG, Request.KE
 # Requests whose reply carries only the result: answered only on NEED_REPLY.
 ACK_ONLY = frozenset({Request.MAP, Request.RELOCATE, Request.POWER_CYCLE, Request.SET_BASE})
 
-TWEAK_MODES = ("spa", "dpa", "logical")
+TWEAK_MODES = ("spa", "dpa", "logical", "dun")
 TME_POLICIES = ("bypass", "ephemeral", "retained")
 RELOCATE_MODES = ("raw", "keyed")
 KINDS = ("tme", "user", "random", "no-encrypt")

@@ -15,6 +15,7 @@ Phases by scenario (SPEC section 6):
 3. relocation: ``relocation`` (boot the backend with ``--tweak logical`` for the
    logical-mode table)
 4. lost keys: ``lost-keys-before``, (power cycle), ``lost-keys-after``
+5. fscrypt offload: ``fscrypt-offload`` (boot the backend with ``--tweak dun --unit 4096``)
 
 Exit status: 0 when every outcome is the model's, 3 when the phase ran but an
 outcome differs, 1 when it could not run.
@@ -26,11 +27,11 @@ import argparse
 
 from mktme_emu.protocol import Client
 
-from . import phase_dax, phase_keys, phase_namespace
+from . import phase_dax, phase_fscrypt, phase_keys, phase_namespace
 from .phaselib import EXIT_UNEXPECTED, Phase, Result, emit
 
 PHASES: dict[str, Phase] = {p.name: p for p in (
-    *phase_namespace.PHASES, *phase_dax.PHASES, *phase_keys.PHASES)}
+    *phase_namespace.PHASES, *phase_dax.PHASES, *phase_keys.PHASES, *phase_fscrypt.PHASES)}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

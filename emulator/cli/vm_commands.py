@@ -26,9 +26,11 @@ from mktme_emu.vm.boot import (
 from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
 from mktme_emu.vm.kernel import cache_dir, fetch_kernel
 from mktme_emu.vm.launcher import EXIT_BOOT_FAILURE, NvdimmBackend, RunRequest
+from mktme_emu.vm.net import NET_MODES, NetOptions, PortForward, plan_network
 from mktme_emu.vm.qemu import format_argv, qemu_argv
 
 from .args import size
+from .net_commands import add_net_commands
 
 
 def nvdimm_backends(opts: LaunchOptions, args: argparse.Namespace) -> list[NvdimmBackend]:
@@ -94,6 +96,10 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="kernel/initramfs cache (default $MKTME_EMU_CACHE or XDG)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (console.log)")
     p.add_argument("--dry-run", action="store_true", help="print the QEMU command line and exit")
+    p.add_argument("--net", choices=NET_MODES, default="none", help="guest network: user (QEMU "
+                   "user-mode, no privileges) or tap (root: a namespace of the run's own)")
+    p.add_argument("--hostfwd", action="append", default=[], metavar="HOSTPORT:GUESTPORT",
+                   help="with --net user: forward 127.0.0.1:HOSTPORT to the guest (repeatable)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--boot-timeout", type=float, default=60.0,
                    help="seconds until the command starts (default 60)")
@@ -102,7 +108,8 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
                      "a second run on it is a power cycle of the same DIMM")
     emu.add_argument("--attach", metavar="SOCKET", help="use a running backend's control socket")
     emu.add_argument("--tme", choices=("bypass", "ephemeral", "retained"), help="KeyID 0 policy")
-    emu.add_argument("--tweak", choices=("spa", "dpa", "logical"), help="tweak mode (spa)")
+    emu.add_argument("--tweak", choices=("spa", "dpa", "logical", "dun"),
+                     help="tweak mode (spa; dun needs --unit 4096)")
     emu.add_argument("--unit", type=size, help="XTS data unit in bytes (64)")
     emu.add_argument("--keyid-bits", type=int, help="KeyID bits (6)")
     emu.add_argument("--plain", action="store_true",
@@ -117,7 +124,8 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         nvdimm_size=args.nvdimm_size, label_size=args.label_size, nvdimm_count=args.nvdimms,
         ns_mode=args.ns, gdb=args.gdb, extra_args=tuple(args.qemu_arg),
         kernel=args.kernel, modules=args.modules, append=_append_words(args.append),
-        cache=Path(args.cache) if args.cache else None, keep=args.keep)
+        cache=Path(args.cache) if args.cache else None, keep=args.keep,
+        net=NetOptions(args.net, tuple(PortForward.parse(f) for f in args.hostfwd)))
 
 
 def _append_words(values: list[str]) -> tuple[str, ...]:
@@ -139,7 +147,10 @@ def _dry_run(opts: LaunchOptions, args: argparse.Namespace, interactive: bool) -
     backends = nvdimm_backends(opts, args)
     try:
         with run_directory(keep=False) as run_dir:
-            cfg = make_config(opts, backends, run_dir, interactive, _progress)
+            net = plan_network(opts.net)
+            if net is not None:
+                _progress(net.dry_run_line())
+            cfg = make_config(opts, backends, run_dir, interactive, _progress, net)
             print(format_argv(qemu_argv(cfg)))
     finally:
         for backend in backends:
@@ -222,6 +233,7 @@ def add_vm_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     _add_vm_options(run)
     run.set_defaults(func=cmd_run)
 
+    add_net_commands(subparsers)
     monitor = subparsers.add_parser("monitor", help="QMP shell on a running VM")
     monitor.add_argument("--socket", help="monitor socket (default: the newest running VM's)")
     monitor.set_defaults(func=cmd_monitor)

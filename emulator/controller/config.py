@@ -23,6 +23,7 @@ class TweakMode(enum.Enum):
     SPA = "spa"  # system physical address: base + offset
     DPA = "dpa"  # offset inside the DIMM
     LOGICAL = "logical"  # given by the guest per mapped page
+    DUN = "dun"  # given per mapped page, one 4096-byte data unit per page (fscrypt's DUN)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class ControllerConfig:
             check_unit(self.unit)
         except CryptoError as exc:
             raise ConfigError(str(exc)) from None
+        if self.tweak is TweakMode.DUN and self.unit != PAGE_SIZE:
+            raise ConfigError(f"dun tweak mode has one data unit per page: it needs unit {PAGE_SIZE}, "
+                              f"got {self.unit}")
         if not MIN_KEYID_BITS <= self.keyid_bits <= MAX_KEYID_BITS:
             raise ConfigError(f"keyid bits must be {MIN_KEYID_BITS}..{MAX_KEYID_BITS}")
 

@@ -191,8 +191,8 @@ class MemoryController:
         """Give pages a KeyID (encrypt_mprotect): write back under the old, fill under the new."""
         start, end = self._page_range(offset, length)
         self._check_keyid(keyid)
-        if logical_tweak is not None and self.config.tweak is not TweakMode.LOGICAL:
-            raise ControllerError("a logical tweak needs the device in logical tweak mode")
+        if logical_tweak is not None and self.config.tweak not in (TweakMode.LOGICAL, TweakMode.DUN):
+            raise ControllerError("a logical tweak needs the device in logical or dun tweak mode")
         if logical_tweak is not None and not 0 <= logical_tweak <= 2**64 - (end - start):
             raise ControllerError("logical tweak out of range (64-bit page tweak)")
         self._write_back(start, end)
@@ -305,6 +305,8 @@ class MemoryController:
             return self.base + page * PAGE_SIZE
         if self.config.tweak is TweakMode.DPA:
             return page * PAGE_SIZE
+        if self.config.tweak is TweakMode.DUN:  # the page tweak is the data unit number itself
+            return int(self.page_tweak[page])
         return int(self.page_tweak[page]) * PAGE_SIZE
 
     def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -315,6 +317,10 @@ class MemoryController:
             tweaks = self.page_tweak[start:end]
             jumps = np.flatnonzero(tweaks[1:] - tweaks[:-1] != 1) + 1
             cuts = np.union1d(cuts, jumps)
+        if self.config.tweak is TweakMode.DUN:
+            # The engine steps a run's tweak by the unit's byte size, a DUN by one:
+            # every encrypted page is a run of its own.
+            cuts = np.union1d(cuts, np.flatnonzero(keyids[1:] != 0) + 1)
         bounds = [start, *(cuts + start).tolist(), end]
         for run_start, run_end in itertools.pairwise(bounds):
             for chunk in range(run_start, run_end, CHUNK_PAGES):
@@ -444,7 +450,7 @@ class MemoryController:
 
     def _moved_tweak_base(self, page: int, distance: int) -> int:
         """Tweak base of src page ``page`` once moved ``distance`` pages (logical: unchanged)."""
-        if self.config.tweak is TweakMode.LOGICAL:
+        if self.config.tweak in (TweakMode.LOGICAL, TweakMode.DUN):
             return self._tweak_base(page)
         return self._tweak_base(page + distance)
 

@@ -1,4 +1,4 @@
-"""The four user scenarios of SPEC section 6, driven from the host.
+"""The user scenarios of SPEC section 6, and the fscrypt offload, driven from the host.
 
 Each scenario boots as many VMs as it needs on the same emulated NVDIMM
 (a later boot on the same media is a power cycle), runs the guest phases

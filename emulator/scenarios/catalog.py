@@ -1,10 +1,11 @@
-"""The four scenarios: which boots, which phases, which checks."""
+"""The scenarios: which boots, which phases, which checks (the fifth in fscrypt_offload)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from .checks import media_outcome, plaintext_on_media, relocation_model
+from .fscrypt_offload import fscrypt_offload
 from .report import Row
 from .session import Dimm, SessionOptions, guest_pattern
 
@@ -96,6 +97,7 @@ SCENARIOS: dict[str, Callable[[SessionOptions], list[Row]]] = {
     "dax-mmap": dax_mmap,
     "relocation": relocation,
     "lost-keys": lost_keys,
+    "fscrypt-offload": fscrypt_offload,  # 5. the linux-mm thread's closing question
 }
 
 

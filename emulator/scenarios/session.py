@@ -54,11 +54,12 @@ class Dimm:
     """
 
     def __init__(self, options: SessionOptions, name: str, *, tweak: str = "spa",
-                 tme: str = "bypass") -> None:
+                 tme: str = "bypass", unit: int | None = None) -> None:
         self.options = options
         self.name = name
         self.tweak = tweak
         self.tme = tme
+        self.unit = unit  # XTS data unit; None: the backend's default
         self.state_dir = options.workdir / name
         self.user_key = os.urandom(16).hex() + ":" + os.urandom(16).hex()
         self.base: int | None = None
@@ -83,7 +84,7 @@ class Dimm:
         self.options.progress(f"{self.name}: boot {self.boots}: {names}")
         script = "\n".join(shlex.join(["mktme-guest", "phase", *p]) for p in phases)
         backend = EmulatedNvdimm(EmulatorOptions(state_dir=self.state_dir, size=self.options.nvdimm_size,
-                                                 tweak=self.tweak, tme=self.tme))
+                                                 tweak=self.tweak, tme=self.tme, unit=self.unit))
         try:
             result = launch(LaunchOptions(accel=self.options.accel, ns_mode=ns_mode,
                                           nvdimm_size=self.options.nvdimm_size),

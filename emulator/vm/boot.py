@@ -15,14 +15,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mktme_emu.errors import ConfigError
 from mktme_emu.vm.bootkernel import select_kernel
-from mktme_emu.vm.initramfs import build_initramfs
+from mktme_emu.vm.initramfs import GUEST_MODULES, build_initramfs
 from mktme_emu.vm.kernel import cache_dir
 from mktme_emu.vm.launcher import NvdimmBackend, PlainNvdimm, RunRequest, VmResult, run_vm, spec_of
+from mktme_emu.vm.net import GUEST_NET_MODULES, NetOptions, NetPlan, open_network, plan_network
 from mktme_emu.vm.pvh import direct_boot_image
 from mktme_emu.vm.qemu import QEMU, VmConfig, probe_kvm, profile_path
 
@@ -62,6 +63,7 @@ class LaunchOptions:
     cache: Path | None = None
     keep: bool = False  # leave the run directory (console.log, sockets) behind
     qemu: str = QEMU
+    net: NetOptions = field(default_factory=NetOptions)  # guest networking (vm/net.py)
 
     def __post_init__(self) -> None:
         if self.accel not in ("auto", "kvm", "tcg"):
@@ -103,7 +105,8 @@ def _project_dirs() -> list[str]:
     return sorted(dirs)
 
 
-def kernel_params(opts: LaunchOptions, interactive: bool) -> tuple[str, ...]:
+def kernel_params(opts: LaunchOptions, interactive: bool,
+                  net: NetPlan | None = None) -> tuple[str, ...]:
     """Guest kernel parameters init.sh reads (mktme.*)."""
     params = [f"mktme.path={Path(sys.executable).parent}"]
     keep = [d for d in _project_dirs() if "," not in d and not any(c.isspace() for c in d)]
@@ -114,15 +117,18 @@ def kernel_params(opts: LaunchOptions, interactive: bool) -> tuple[str, ...]:
     if interactive:
         size = shutil.get_terminal_size((80, 24))
         params.append(f"mktme.tty={size.lines}x{size.columns}")
+    if net is not None:
+        params.append(net.kernel_param())
     return tuple(params)
 
 
 def make_config(opts: LaunchOptions, backends: Sequence[NvdimmBackend], run_dir: Path,
-                interactive: bool, progress: Progress = _quiet) -> VmConfig:
+                interactive: bool, progress: Progress = _quiet,
+                net: NetPlan | None = None, tap_fd: int | None = None) -> VmConfig:
     """Fetch the kernel if needed, build the initramfs, pick the accel: a VmConfig."""
     cache = cache_dir(opts.cache)
     kernel = select_kernel(opts.kernel, opts.modules, cache, opts.ns_mode, progress)
-    initrd = build_initramfs(kernel, cache)
+    initrd = build_initramfs(kernel, cache, GUEST_MODULES + (GUEST_NET_MODULES if net else ()))
     if opts.gdb is not None:
         progress(f"gdb: {kernel.gdb_hint(opts.gdb)}")
     debug = ("nokaslr",) if opts.gdb is not None else ()  # symbols at their link addresses
@@ -136,8 +142,9 @@ def make_config(opts: LaunchOptions, backends: Sequence[NvdimmBackend], run_dir:
         accel=accel, run_dir=run_dir,
         nvdimms=tuple(spec_of(b) for b in backends), memory=opts.memory, cpus=cpus,
         interactive=interactive, gdb_port=opts.gdb,
-        append=(*kernel_params(opts, interactive), *debug, *opts.append),
-        extra_args=opts.extra_args, qemu=opts.qemu)
+        append=(*kernel_params(opts, interactive, net), *debug, *opts.append),
+        extra_args=opts.extra_args, qemu=opts.qemu,
+        net_args=net.qemu_args(tap_fd) if net else (), pass_fds=() if tap_fd is None else (tap_fd,))
 
 
 @contextlib.contextmanager
@@ -170,9 +177,10 @@ def launch(opts: LaunchOptions, request: RunRequest,
     """
     owned = plain_backends(opts) if backends is None else []
     try:
-        with run_directory(opts.keep, progress) as run_dir:
+        net = plan_network(opts.net)
+        with run_directory(opts.keep, progress) as run_dir, open_network(net, progress) as tap_fd:
             cfg = make_config(opts, owned or backends or [], run_dir,
-                              request.interactive, progress)
+                              request.interactive, progress, net, tap_fd)
             progress(f"vm: QMP monitor socket {cfg.monitor_socket}")
             return run_vm(cfg, owned or backends or [], request)
     finally:

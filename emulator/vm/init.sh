@@ -10,7 +10,8 @@
 #   guest -> host:  "hello UPTIME" | "start" | "exit RC" | "init-error MESSAGE"
 # Kernel parameters read here: mktme.ns=fsdax|devdax|raw (prepare every NVDIMM
 # namespace in that mode), mktme.tty=ROWSxCOLS, mktme.path=DIR (prepended to
-# PATH), mktme.debug=1 (trace this script on the console).
+# PATH), mktme.debug=1 (trace this script on the console), mktme.net=ADDR/PREFIX,GATEWAY
+# (bring the first NIC up with that static address: no DHCP wait).
 # A kernel panic is the host's business: pvpanic-pci is loaded first and QEMU
 # reports GUEST_PANICKED over QMP.
 
@@ -24,6 +25,7 @@ INTERACTIVE=0
 NS_MODE=
 TTY_SIZE=
 EXTRA_PATH=
+NET=
 
 log() { echo "mktme-init: $*" >/dev/console; }
 
@@ -49,6 +51,7 @@ parse_cmdline() {
             mktme.tty=*) TTY_SIZE=${arg#mktme.tty=} ;;
             mktme.path=*) EXTRA_PATH=${arg#mktme.path=} ;;
             mktme.keep=*) KEEP_DIRS=$(echo "${arg#mktme.keep=}" | tr , ' ') ;;
+            mktme.net=*) NET=${arg#mktme.net=} ;;
             mktme.debug=1) set -x ;;
         esac
     done
@@ -61,6 +64,24 @@ load_modules() {
     done </lib/modules/order
     # The filesystems (ext4, xfs) load when first mounted: the kernel asks this helper.
     [ -e /proc/sys/kernel/modprobe ] && echo /lib/modules/modprobe >/proc/sys/kernel/modprobe
+}
+
+# mktme.net: lo and the first NIC (virtio_net names it as insmod returns; wait
+# at most 1 s anyway) up with a static address and a default route.
+setup_net() {
+    [ -n "$NET" ] || return 0
+    busybox ip link set lo up
+    tries=0
+    while :; do
+        dev=
+        for d in /sys/class/net/*; do [ "${d##*/}" = lo ] || { dev=${d##*/}; break; }; done
+        [ -n "$dev" ] && break
+        [ $tries -lt 20 ] || fail "no network interface appeared for mktme.net"
+        usleep 50000
+        tries=$((tries + 1))
+    done
+    busybox ip addr add "${NET%,*}" dev "$dev" && busybox ip link set "$dev" up \
+        && busybox ip route add default via "${NET#*,}" || fail "cannot configure $dev as $NET"
 }
 
 # Without udev nobody names the ports: /dev/vportNpM gets a symlink
@@ -185,6 +206,7 @@ parse_cmdline
 load_modules
 link_ports
 open_status
+setup_net
 mount_root
 prepare_namespaces
 run_command

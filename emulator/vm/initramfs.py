@@ -32,6 +32,9 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_console", "9pnet_virtio", "9p",
     "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax",
     "crc32c_generic", "ext4", "xfs", "overlay",
+    # fscrypt's software ciphers (scenario fscrypt-offload): AES-256-XTS contents,
+    # AES-256-CTS filenames, HMAC-SHA512 for its HKDF (aes, cbc, hmac are built in).
+    "ecb", "xts", "cts", "sha512_generic",
 )
 
 #: Loaded when the kernel first asks for them (a mount of that filesystem), not at

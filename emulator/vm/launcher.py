@@ -322,7 +322,8 @@ class _Session:
             console = await asyncio.start_unix_server(self._console, path=self.cfg.console_socket)
         stdio = None if self.cfg.interactive else asyncio.subprocess.DEVNULL
         try:
-            self.proc = await asyncio.create_subprocess_exec(*qemu_argv(self.cfg), stdin=stdio)
+            self.proc = await asyncio.create_subprocess_exec(*qemu_argv(self.cfg), stdin=stdio,
+                                                             pass_fds=self.cfg.pass_fds)
         except FileNotFoundError as exc:
             raise VmError(f"{self.cfg.qemu} not found: install qemu-system-x86") from exc
         self.timer.mark(timeline.QEMU_STARTED)

@@ -98,6 +98,8 @@ class VmConfig:
     append: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
     qemu: str = QEMU
+    net_args: tuple[str, ...] = ()  # -netdev/-device from vm.net.NetPlan.qemu_args
+    pass_fds: tuple[int, ...] = ()  # fds QEMU inherits (the tap of --net tap)
 
     @property
     def qmp_socket(self) -> Path:
@@ -174,6 +176,7 @@ def qemu_argv(cfg: VmConfig) -> list[str]:
              "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
              "readonly=on,multidevs=remap"]
     argv += _nvdimm_args(cfg)
+    argv += cfg.net_args
     if cfg.gdb_port is not None:  # loopback only: the stub can read and write guest memory
         argv += ["-gdb", f"tcp:127.0.0.1:{cfg.gdb_port}"]
     return argv + list(cfg.extra_args)
