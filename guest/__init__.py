@@ -1,8 +1,8 @@
 """The in-guest helpers: talk to the backend over the virtio-serial port in the guest role.
 
 Layers (imports point down only; from the host package only
-``mktme_emu.protocol``, ``mktme_emu.vocabulary`` and ``mktme_emu.errors``, all
-pure Python):
+``mktme_emu.protocol``, ``mktme_emu.vocabulary``, ``mktme_emu.usage`` and
+``mktme_emu.errors``, all pure Python):
 
 - :mod:`~mktme_guest.channel`: find and open the control port, one locked
   request/response at a time (``connect()``);

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,12 +21,15 @@ from mktme_emu.protocol import (
     KeyStatus,
     key_program_from_choice,
 )
+from mktme_emu.usage import OneLineParser
 
-from . import channel, dax, phases, physaddr, system
+# dax (ctypes, logging), phases (every scenario step) and logging are imported
+# by the commands that use them: under TCG each module costs the guest tens of
+# milliseconds, and `status` must stay cheap (tests/test_guest_imports.py).
+from . import channel, physaddr, system
 from .argtypes import integer, size
 from .errors import KeyRefused, MktmeError, UsageError
 from .physaddr import PAGE_SIZE, Extent
-from .usage import OneLineParser
 
 MAX_KEY_TEXT = 4096  # far more than any key form: a wrong file is refused, not slurped
 
@@ -131,6 +133,7 @@ def _key(args: argparse.Namespace) -> int:
 
 
 def _namespace_key(args: argparse.Namespace) -> int:
+    from . import dax
     device = args.device or system.default_device()
     program = _key_program(args)
     with _connect(args) as client:
@@ -159,6 +162,7 @@ def _add_where(cmd: argparse.ArgumentParser, verb: str, required: bool) -> None:
 
 def _where(args: argparse.Namespace) -> list[Extent]:
     """The physical extents the --pa/--file/--device options name (round_tail for files)."""
+    from . import dax
     if args.file is not None:
         found = physaddr.file_extents(args.file, start=args.offset, length=args.length)
         return dax.page_extents(found, round_tail=True, hint=dax.FILE_HINT)
@@ -170,6 +174,7 @@ def _where(args: argparse.Namespace) -> list[Extent]:
 
 
 def _map(args: argparse.Namespace) -> int:
+    from . import dax
     extents = _where(args)
     with _connect(args) as client:
         dax.map_extents(client, extents, args.keyid, args.logical_tweak)
@@ -180,6 +185,7 @@ def _map(args: argparse.Namespace) -> int:
 
 
 def _flush(args: argparse.Namespace) -> int:
+    from . import dax
     with _connect(args) as client:
         if args.pa is None and args.file is None and args.device is None:
             written = client.flush().written
@@ -190,6 +196,7 @@ def _flush(args: argparse.Namespace) -> int:
 
 
 def _relocate(args: argparse.Namespace) -> int:
+    from . import dax
     with _connect(args) as client:
         area = dax.DataArea.of(client)
         src = area.offset(Extent(args.src_pa, args.length))
@@ -199,6 +206,7 @@ def _relocate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from . import dax
     with _connect(args) as client:
         area = dax.DataArea.of(client)
         offset = args.offset if args.offset is not None else area.offset(Extent(args.pa, 1))
@@ -220,6 +228,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _resolve(args: argparse.Namespace) -> int:
     """PA extents of a file (FIEMAP) or devdax range (sysfs), or, with --mmap, by pagemap."""
+    from . import dax
     if args.pa is not None:
         raise UsageError("resolve takes --file or --device")
     if args.mmap and args.device is not None:
@@ -309,8 +318,15 @@ def _add_range_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     cmd.set_defaults(func=_resolve)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line: global options, the commands, ``phase NAME``."""
+PHASE_HELP = "run one guest-side step of a scenario (SPEC section 6)"
+
+
+def build_parser(with_phases: bool = True) -> argparse.ArgumentParser:
+    """The whole command line: global options, the commands, ``phase NAME``.
+
+    ``with_phases=False`` lists ``phase`` without its sub-parsers (and without
+    importing every phase module): what a command other than ``phase`` needs.
+    """
     parser = OneLineParser(
         prog="mktme-guest",
         description="Inside an mktme-emu VM: program MKTME keys, map DAX memory with KeyIDs, "
@@ -323,20 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_simple_commands(commands)
     _add_range_commands(commands)
-    phases.add_parser(commands)
+    if with_phases:
+        from . import phases
+        phases.add_parser(commands)
+    else:  # a placeholder for the list of commands; chosen, the full parser is built
+        commands.add_parser("phase", help=PHASE_HELP)
     return parser
 
 
 def _run_phase(args: argparse.Namespace) -> int:
+    from . import phases
     with _connect(args) as client:
         return phases.run(args, client)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the only place an error becomes a message (one line) and a status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="mktme-guest: %(message)s", stream=sys.stderr)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_phases="phase" in words).parse_args(words)
+    if args.verbose:  # only dax logs, at INFO: without -v there is nothing to configure
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="mktme-guest: %(message)s",
+                            stream=sys.stderr)
     func = _run_phase if args.command == "phase" else args.func
     try:
         return int(func(args))

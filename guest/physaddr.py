@@ -21,7 +21,6 @@ parameter, so tests run on fake trees.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -115,6 +114,8 @@ def mmap_address(mm: mmap.mmap) -> int:
     The ctypes view is dropped at once: a live export would stop the mmap
     from being closed or resized.
     """
+    import ctypes  # here: only mmap users need it, and it is slow to import in the guest
+
     view = ctypes.c_char.from_buffer(mm)
     try:
         return ctypes.addressof(view)

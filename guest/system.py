@@ -16,12 +16,15 @@ import contextlib
 import fcntl
 import json
 import os
-import subprocess
 from pathlib import Path
 
 from mktme_emu.vocabulary import NAMESPACE_MODES
 
 from .errors import CommandFailed, DeviceError
+
+TYPE_CHECKING = False  # not typing's (see mktme_emu.protocol)
+if TYPE_CHECKING:  # run() imports it: `mktme-guest status` lists devices without a tool
+    import subprocess
 
 BLKFLSBUF = 0x1261
 NS_MODES = NAMESPACE_MODES  # the host's `boot --ns` uses the same names
@@ -38,6 +41,8 @@ def run(argv: list[str], timeout: float = 600.0, check: bool = True,
 
     ``env`` adds variables to the inherited environment.
     """
+    import subprocess
+
     full_env = {**os.environ, **env} if env else None
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from mktme_emu.protocol import HEADER, Client, Request, encode
-from mktme_guest import channel, cli, dax, phase_keys
+from mktme_guest import channel, cli, dax, phase_keys, phases
 from mktme_guest.phaselib import TEST_KEY, parse_result
 from mktme_guest.physaddr import PAGE_SIZE, Extent
 
@@ -132,7 +132,7 @@ def test_refusals_are_one_line(serve: Callable[..., Served], capsys: pytest.Capt
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     commands = ["status", "key", "map", "flush", "relocate", "inspect", "namespace-key", "resolve",
-                "phase", *(["phase", name] for name in cli.phases.PHASES)]
+                "phase", *(["phase", name] for name in phases.PHASES)]
     for command in commands:
         words = command if isinstance(command, list) else [command]
         with pytest.raises(SystemExit) as stop:

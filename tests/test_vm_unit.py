@@ -102,10 +102,10 @@ def test_argv_rejects_unaligned_nvdimm(tmp_path: Path) -> None:
         qemu_argv(_config(tmp_path, nvdimms=(bad,)))
 
 
-def test_argv_gdb_uses_profile_chardev(tmp_path: Path) -> None:
-    debug = Path(__file__).resolve().parents[1] / "qemu-configs" / "debug.cfg"
-    argv = qemu_argv(_config(tmp_path, profile=debug, gdb=True))
-    assert argv[argv.index("-gdb") + 1] == "chardev:gdb"
+def test_argv_gdb_listens_on_loopback_port(tmp_path: Path) -> None:
+    argv = qemu_argv(_config(tmp_path, gdb_port=4321))
+    assert argv[argv.index("-gdb") + 1] == "tcp:127.0.0.1:4321"
+    assert "-gdb" not in qemu_argv(_config(tmp_path))
 
 
 def test_command_script_survives_quoting() -> None:

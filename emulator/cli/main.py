@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import MktmeError
+from ..usage import EXIT_USAGE, OneLineParser
 from . import xts_command
-from .usage import EXIT_USAGE, OneLineParser
 
 EXIT_ERROR = 1
 __all__ = ["EXIT_ERROR", "EXIT_USAGE", "build_parser", "main"]

@@ -80,7 +80,9 @@ def _add_vm_options(p: argparse.ArgumentParser, with_command: bool) -> None:
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
                    help="auto probes KVM with a short timeout and falls back to TCG")
     p.add_argument("--memory", type=size, help="guest RAM (default: the profile's)")
-    p.add_argument("--cpus", type=int, help="guest CPUs (default: the profile's)")
+    p.add_argument("--cpus", type=int,
+                   help="guest CPUs (default: the profile's with KVM, 1 under TCG, where a "
+                   "second one slows the boot)")
     p.add_argument("--nvdimm-size", type=size, default=256 << 20, help="data area (default 256M)")
     p.add_argument("--label-size", type=size, default=0, help="NVDIMM label area (0 = none)")
     p.add_argument("--nvdimms", type=int, default=1, help="how many NVDIMMs (default 1)")
@@ -91,7 +93,17 @@ def _add_vm_options(p: argparse.ArgumentParser, with_command: bool) -> None:
                    help="make host directory DIR writable from the guest, at the same path "
                    "(repeatable); elsewhere the host's files are read-only, and /tmp, "
                    "/var/tmp take writes in guest memory")
-    p.add_argument("--gdb", action="store_true", help="start a gdbstub on :1234")
+    p.add_argument("--gdb", type=int, nargs="?", const=1234, default=None, metavar="PORT",
+                   help="start a gdbstub on 127.0.0.1:PORT (default 1234) and boot with "
+                   "nokaslr; prints the gdb command line")
+    p.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="boot your own kernel: a bzImage/vmlinuz or a kernel build tree "
+                   "(default: Debian's, from the cache); its config is checked first")
+    p.add_argument("--modules", type=Path, metavar="DIR",
+                   help="the kernel's modules: an INSTALL_MOD_PATH tree or a modules directory "
+                   "(default: the build tree's own .ko files)")
+    p.add_argument("--append", action="append", default=[], metavar="ARGS",
+                   help="add ARGS to the kernel command line (repeatable)")
     p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
                    help="extra QEMU argument (repeat for each word)")
     p.add_argument("--cache", help="kernel/initramfs cache (default $MKTME_EMU_CACHE or XDG)")
@@ -128,9 +140,18 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         profile=args.profile, accel=args.accel, memory=args.memory, cpus=args.cpus,
         nvdimm_size=args.nvdimm_size, label_size=args.label_size, nvdimm_count=args.nvdimms,
         ns_mode=args.ns, gdb=args.gdb, extra_args=tuple(args.qemu_arg),
+        kernel=args.kernel, modules=args.modules, append=_append_words(args.append),
         cache=Path(args.cache) if args.cache else None, keep=args.keep,
         rwdirs=tuple(Path(d).absolute() for d in args.rwdir),
         net=NetOptions(args.net, tuple(PortForward.parse(f) for f in args.hostfwd)))
+
+
+def _append_words(values: list[str]) -> tuple[str, ...]:
+    """--append values as given: the kernel, not a shell, parses its command line."""
+    for value in values:
+        if "\n" in value or "\0" in value:
+            raise ConfigError("--append: the kernel command line is one line")
+    return tuple(v.strip() for v in values if v.strip())
 
 
 def _command(args: argparse.Namespace) -> tuple[str, ...]:

@@ -28,7 +28,6 @@ from .client import (
     Client,
     FileTransport,
     SocketTransport,
-    Transport,
     key_program,
     key_program_from_choice,
 )
@@ -100,7 +99,7 @@ __all__ = [
     "TME_POLICIES", "TWEAK_MODES", "U32", "U64", "VERSION", "Algorithm", "Client", "DeviceConfig",
     "ErrorCode", "Features", "FileTransport", "FlushReply", "FlushRequest", "Header", "InspectRequest",
     "KeyCommand", "KeyProgram", "KeyStatus", "LegacyClient", "MapRequest", "PageRecord", "PayloadError",
-    "RelocateRequest", "Request", "Role", "SocketTransport", "Stats", "Transport", "build_program",
+    "RelocateRequest", "Request", "Role", "SocketTransport", "Stats", "build_program",
     "check_key_program", "check_prefix", "encode", "error_reply", "expect_empty", "key_program",
     "key_program_from_choice", "legacy_error_reply", "new_tag", "ok_reply", "pack_inspect",
     "parse_key_options", "unpack_base", "unpack_inspect",

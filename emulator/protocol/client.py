@@ -11,9 +11,7 @@ from __future__ import annotations
 import array
 import os
 import select
-import socket
 import time
-from typing import Protocol
 
 from ..errors import ErrorCode, KeyProgramError, ProtocolError, RemoteError, ReplyTimeout
 from ..pconfig import Algorithm, KeyCommand, KeyProgram, KeyStatus, build_program, parse_key_options
@@ -37,16 +35,22 @@ from .messages import (
 MAX_FOREIGN_REPLIES = 1024
 
 
-class Transport(Protocol):
-    def send(self, data: bytes) -> None: ...
-    def recv_exact(self, size: int) -> tuple[bytes, list[int]]: ...
-    def close(self) -> None: ...
+TYPE_CHECKING = False  # not typing's: importing typing costs the guest's CLI ~0.1 s under TCG
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class Transport(Protocol):
+        def send(self, data: bytes) -> None: ...
+        def recv_exact(self, size: int) -> tuple[bytes, list[int]]: ...
+        def close(self) -> None: ...
 
 
 class SocketTransport:
     """A connected unix stream socket; receives descriptors passed with SCM_RIGHTS."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float | None = None) -> None:
+        import socket  # here: the guest's port transport never needs it, and it is slow there
+
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -59,6 +63,8 @@ class SocketTransport:
         self.sock.sendall(data)
 
     def recv_exact(self, size: int) -> tuple[bytes, list[int]]:
+        import socket  # already loaded by __init__: a dictionary lookup
+
         chunks: list[bytes] = []
         fds: list[int] = []
         got = 0

@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mktme_emu.errors import ConfigError
+from mktme_emu.vm.bootkernel import from_debian, select_kernel
 from mktme_emu.vm.initramfs import GUEST_MODULES, build_initramfs
-from mktme_emu.vm.kernel import cache_dir, fetch_kernel, load_kernel
+from mktme_emu.vm.kernel import cache_dir, load_kernel
 from mktme_emu.vm.launcher import PhaseHook, RunRequest, VmResult, run_vm
 from mktme_emu.vm.lifetime import WATCHDOG
 from mktme_emu.vm.net import GUEST_NET_MODULES, NetOptions, NetPlan, open_network, plan_network
 from mktme_emu.vm.nvdimm import NvdimmBackend, PlainNvdimm, spec_of
+from mktme_emu.vm.pvh import direct_boot_image
 from mktme_emu.vm.qemu import (
     MIN_LABEL_SIZE,
     NVDIMM_ALIGN,
@@ -46,6 +48,7 @@ from mktme_emu.vocabulary import NAMESPACE_MODES
 
 NS_MODES = NAMESPACE_MODES  # the guest phases use the same names
 ACCEL_PROBE_TTL = 24 * 3600.0
+TCG_CPUS = 1  # guest CPUs under TCG unless --cpus says otherwise (the profile's are for KVM)
 Progress = Callable[[str], None]
 
 
@@ -71,7 +74,10 @@ class LaunchOptions:
     label_size: int = 0
     nvdimm_count: int = 1
     ns_mode: str | None = None  # fsdax | devdax | raw: prepare namespaces at boot
-    gdb: bool = False
+    gdb: int | None = None  # gdbstub port on 127.0.0.1 (None = no stub)
+    kernel: Path | None = None  # --kernel: a bzImage or a build tree (None = Debian's)
+    modules: Path | None = None  # --modules: INSTALL_MOD_PATH tree or modules directory
+    append: tuple[str, ...] = ()  # --append: added to the kernel command line
     extra_args: tuple[str, ...] = ()
     cache: Path | None = None
     keep: bool = False  # leave the run directory (console.log, sockets) behind
@@ -165,19 +171,27 @@ def make_config(opts: LaunchOptions, nvdimms: Sequence[NvdimmSpec], run_dir: Pat
                 net: NetPlan | None = None, tap_fd: int | None = None) -> VmConfig:
     """Fetch the kernel if needed, build the initramfs, pick the accel: a VmConfig."""
     cache = cache_dir(opts.cache)
-    kernel = fetch_kernel(cache, progress=progress)
+    kernel = select_kernel(opts.kernel, opts.modules, cache, opts.ns_mode, progress)
     initrd = build_initramfs(kernel, cache, GUEST_MODULES + (GUEST_NET_MODULES if net else ()))
-    accel = choose_accel(opts, kernel.vmlinuz, cache, progress)
-    return _config(opts, kernel.vmlinuz, initrd, accel, nvdimms, run_dir, interactive, net, tap_fd)
+    if opts.gdb is not None:
+        progress(f"gdb: {kernel.gdb_hint(opts.gdb)}")
+    image = direct_boot_image(kernel.image, kernel.identity, cache, progress) or kernel.image
+    accel = choose_accel(opts, kernel.image, cache, progress)
+    return _config(opts, image, initrd, accel, nvdimms, run_dir, interactive, net, tap_fd)
 
 
 def _config(opts: LaunchOptions, kernel: Path, initrd: Path, accel: str,
             nvdimms: Sequence[NvdimmSpec], run_dir: Path, interactive: bool,
             net: NetPlan | None, tap_fd: int | None) -> VmConfig:
+    debug = ("nokaslr",) if opts.gdb is not None else ()  # symbols at their link addresses
+    # Under TCG a second vCPU costs boot ~40% (bring-up, calibration, MTTCG
+    # contention on the host) and buys nothing the guest tools use.
+    cpus = opts.cpus or (TCG_CPUS if accel == "tcg" else None)
     return VmConfig(
         kernel=kernel, initrd=initrd, profile=profile_path(opts.profile), accel=accel,
-        run_dir=run_dir, nvdimms=tuple(nvdimms), memory=opts.memory, cpus=opts.cpus,
-        interactive=interactive, gdb=opts.gdb, append=kernel_params(opts, interactive, net),
+        run_dir=run_dir, nvdimms=tuple(nvdimms), memory=opts.memory, cpus=cpus,
+        interactive=interactive, gdb_port=opts.gdb,
+        append=(*kernel_params(opts, interactive, net), *debug, *opts.append),
         extra_args=opts.extra_args, qemu=opts.qemu, rwdirs=rw_dirs(opts),
         net_args=net.qemu_args(tap_fd) if net else (), pass_fds=() if tap_fd is None else (tap_fd,))
 
@@ -191,17 +205,23 @@ def dry_run_argv(opts: LaunchOptions, nvdimms: Sequence[NvdimmSpec], interactive
     would create.
     """
     cache = cache_dir(opts.cache)
-    kernel = load_kernel(cache)
-    if kernel is None:
-        raise ConfigError("no guest kernel cached: run `mktme-emu kernel fetch` first "
-                          "(--dry-run downloads nothing)")
-    accel = choose_accel(opts, kernel.vmlinuz, cache, progress, probe=False)
+    if opts.kernel is None:
+        debian = load_kernel(cache)
+        if debian is None:
+            raise ConfigError("no guest kernel cached: run `mktme-emu kernel fetch` first "
+                              "(--dry-run downloads nothing)")
+        kernel = from_debian(debian)
+    else:  # the user's kernel is checked as a launch would check it
+        kernel = select_kernel(opts.kernel, opts.modules, cache, opts.ns_mode, progress)
+    if opts.gdb is not None:
+        progress(f"gdb: {kernel.gdb_hint(opts.gdb)}")
+    accel = choose_accel(opts, kernel.image, cache, progress, probe=False)
     initrd = cache / f"initramfs-{kernel.release}-<built at launch>.img"
     run_dir = runtime_root() / f"vm-{os.getpid()}-<created at launch>"
     net = plan_network(opts.net)
     if net is not None:
         progress(net.dry_run_line())
-    return qemu_argv(_config(opts, kernel.vmlinuz, initrd, accel, nvdimms, run_dir,
+    return qemu_argv(_config(opts, kernel.image, initrd, accel, nvdimms, run_dir,
                              interactive, net, None))
 
 
@@ -258,8 +278,6 @@ def launch(opts: LaunchOptions, request: RunRequest,
         with run_directory(opts.keep, progress) as run_dir, open_network(net, progress) as tap_fd:
             cfg = make_config(opts, [spec_of(b) for b in chosen], run_dir,
                               request.interactive, progress, net, tap_fd)
-            if opts.gdb:
-                progress("gdb: gdb vmlinux -ex 'target remote :1234'")
             progress(f"vm: run directory {run_dir} (QMP monitor: {cfg.monitor_socket.name})")
             return run_vm(cfg, chosen, request, progress, phase)
     finally:

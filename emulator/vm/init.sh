@@ -10,7 +10,7 @@
 # the virtio-serial port org.mktme.status, one line per message (the host side
 # is emulator/vm/status.py):
 #   host -> guest:  "boot N" | "cmd BASE64" | "interactive" | "rw TAG BASE64PATH" | "go"
-#   guest -> host:  "hello" | "start" | "exit RC" | "init-error MESSAGE"
+#   guest -> host:  "hello UPTIME" | "start" | "exit RC" | "init-error MESSAGE"
 # Kernel parameters read here: mktme.ns=fsdax|devdax|raw (prepare every NVDIMM
 # namespace in that mode), mktme.tty=ROWSxCOLS, mktme.path=DIR (prepended to
 # PATH), mktme.debug=1 (trace this script on the console), mktme.net=ADDR/PREFIX,GATEWAY
@@ -66,6 +66,8 @@ load_modules() {
         [ -n "$mod" ] || continue
         insmod "/lib/modules/$mod" 2>/dev/console || fail "insmod $mod failed"
     done </lib/modules/order
+    # The filesystems (ext4, xfs) load when first mounted: the kernel asks this helper.
+    [ -e /proc/sys/kernel/modprobe ] && echo /lib/modules/modprobe >/proc/sys/kernel/modprobe
 }
 
 # mktme.net: lo and the first NIC (virtio_net names it as insmod returns; wait
@@ -106,7 +108,8 @@ open_status() {
     [ -e /dev/virtio-ports/$STATUS_PORT ] || fail "virtio-serial port $STATUS_PORT not found"
     exec 3<>/dev/virtio-ports/$STATUS_PORT || fail "cannot open $STATUS_PORT"
     STATUS=1
-    send hello
+    read -r uptime _ </proc/uptime  # the kernel's own clock, for the host's phase timer
+    send "hello $uptime"
     while read -r key value <&3; do
         case "$key" in
             boot) BOOT=$value ;;

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mktme_emu.errors import VmError
-from mktme_emu.vm.kernel import GuestKernel
-from mktme_emu.vm.modules import ModuleInfo, read_module, resolve_in
+from mktme_emu.errors import ConfigError, VmError
+from mktme_emu.vm.bootkernel import BootKernel
+from mktme_emu.vm.kconfig import OPTION_MODULES, KernelConfig
+from mktme_emu.vm.modules import ModuleInfo, builtin_modules, canonical, index_modules, read_module, resolve
 
 #: The modules the guest needs, in load order of intent: pvpanic first so a
 #: panic anywhere later is reported; then the virtio transport and the
@@ -30,15 +31,34 @@ GUEST_MODULES: tuple[str, ...] = (
     "pvpanic_pci",
     "virtio_pci", "virtio_console", "9pnet_virtio", "9p",
     "nfit", "nd_pmem", "nd_btt", "dax_pmem", "device_dax",
-    "crc32c_generic", "ext4", "xfs",
+    "crc32c_generic", "ext4", "xfs", "overlay",
     # fscrypt's software ciphers (scenario fscrypt-offload): AES-256-XTS contents,
     # AES-256-CTS filenames, HMAC-SHA512 for its HKDF (aes, cbc, hmac are built in).
     "ecb", "xts", "cts", "sha512_generic",
     "overlay",  # /tmp and /var/tmp: the host's copy with a tmpfs upper layer
 )
 
+#: Loaded when the kernel first asks for them (a mount of that filesystem), not at
+#: boot: together they are most of the initramfs (6.7 of 10.5 MB) and their
+#: insmod most of init's time under TCG.  The kernel's request_module() runs
+#: MODPROBE (init.sh points /proc/sys/kernel/modprobe at it), which loads the
+#: chain ON_DEMAND_TABLE lists for the alias asked.
+ON_DEMAND = frozenset({"crc32c_generic", "ext4", "xfs", "overlay"})
+MODPROBE = "lib/modules/modprobe"
+ON_DEMAND_TABLE = "lib/modules/on-demand"
+_MODPROBE_SCRIPT = b"""#!/bin/sh
+# request_module() helper of the mktme-emu initramfs: modprobe -q -- NAME
+for arg; do name=$arg; done
+while read -r alias mods; do
+    [ "$alias" = "$name" ] || continue
+    for mod in $mods; do insmod "/lib/modules/$mod" 2>/dev/null; done
+    exit 0
+done </lib/modules/on-demand
+exit 1
+"""
+
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
-FORMAT_VERSION = b"mktme-initramfs-1"
+FORMAT_VERSION = b"mktme-initramfs-2"
 
 
 @dataclass(frozen=True)
@@ -80,8 +100,22 @@ def init_script() -> bytes:
     return resources.files("mktme_emu.vm").joinpath("init.sh").read_bytes()
 
 
-def build_entries(busybox: bytes, init: bytes, modules: Sequence[ModuleInfo]) -> list[Entry]:
-    """The archive's members: a minimal tree, busybox, init, modules + their load order."""
+def on_demand_table(chains: Sequence[Sequence[ModuleInfo]]) -> bytes:
+    """``ALIAS MOD.ko...`` lines: each chain's last module by its name and aliases."""
+    lines = []
+    for chain in chains:
+        if chain:
+            files = " ".join(f"{m.name}.ko" for m in chain)
+            lines += [f"{alias} {files}" for alias in (chain[-1].name, *chain[-1].aliases)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def build_entries(busybox: bytes, init: bytes, modules: Sequence[ModuleInfo],
+                  on_demand: Sequence[Sequence[ModuleInfo]] = ()) -> list[Entry]:
+    """The archive's members: a minimal tree, busybox, init, modules + their load order.
+
+    ``on_demand``: chains (dependencies first) loaded by MODPROBE, not at boot.
+    """
     d, f, lnk = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755, stat.S_IFLNK | 0o777
     entries = [Entry(name, d) for name in
                ("bin", "sbin", "dev", "proc", "sys", "tmp", "newroot", "lib", "lib/modules")]
@@ -94,40 +128,85 @@ def build_entries(busybox: bytes, init: bytes, modules: Sequence[ModuleInfo]) ->
     applets = ("sh", "mount", "insmod", "cat", "ln", "mkdir", "chroot", "poweroff", "sync",
                "sleep", "usleep", "ls", "grep", "base64", "setsid", "stty", "echo", "chmod", "printf", "tr")
     entries += [Entry(f"bin/{a}", lnk, b"busybox") for a in applets]
-    order = []
-    for mod in modules:
-        flat = f"{mod.name}.ko"
-        entries.append(Entry(f"lib/modules/{flat}", stat.S_IFREG | 0o644, read_module(mod.path)))
-        order.append(flat)
+    packed: set[str] = set()
+    for mod in [*modules, *(m for chain in on_demand for m in chain)]:
+        if mod.name not in packed:
+            packed.add(mod.name)
+            entries.append(Entry(f"lib/modules/{mod.name}.ko", stat.S_IFREG | 0o644,
+                                 read_module(mod.path)))
+    order = [f"{mod.name}.ko" for mod in modules]
     entries.append(Entry("lib/modules/order", stat.S_IFREG | 0o644,
                          ("\n".join(order) + "\n").encode()))
+    entries.append(Entry(ON_DEMAND_TABLE, stat.S_IFREG | 0o644, on_demand_table(on_demand)))
+    entries.append(Entry(MODPROBE, f, _MODPROBE_SCRIPT))
     return entries
 
 
-def cache_key(kernel: GuestKernel, busybox: bytes, init: bytes,
+def cache_key(kernel: BootKernel, busybox: bytes, init: bytes,
               wanted: Sequence[str]) -> str:
     """Hash of everything that goes into the image, so a change rebuilds it."""
     digest = hashlib.sha256(FORMAT_VERSION)
-    for part in (kernel.sha256.encode(), kernel.release.encode(),
+    for part in (kernel.identity.encode(), kernel.release.encode(),
                  hashlib.sha256(busybox).digest(), init, ",".join(wanted).encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
 
 
-def build_initramfs(kernel: GuestKernel, cache: Path,
-                    wanted: Sequence[str] = GUEST_MODULES) -> Path:
-    """Return the path of the gzip'd cpio for ``kernel``, building it if not cached.
+def modules_to_load(wanted: Sequence[str], config: KernelConfig | None) -> list[str]:
+    """``wanted`` minus the modules whose option the config has off.
 
-    Raises VmError naming a module the kernel lacks, or when busybox-static is
-    missing.  Writes atomically (temp file + rename), so concurrent runs are safe.
+    Those are optional features (pvpanic) or one of two filesystems; a
+    missing required option was already refused by the config check.
+    Modules the table does not know are kept: resolving names what is missing.
+    """
+    if config is None:
+        return list(wanted)
+    option_of = {module: option for option, module in OPTION_MODULES.items()}
+    return [m for m in wanted
+            if m not in option_of or config.enabled(option_of[m]) is not False]
+
+
+def builtin_names(kernel: BootKernel) -> frozenset[str]:
+    """Modules the kernel has built in: modules.builtin plus the config's =y options."""
+    names = set(builtin_modules(kernel.modules_dir)) if kernel.modules_dir else set()
+    if kernel.config is not None:
+        names |= {canonical(module) for option, module in OPTION_MODULES.items()
+                  if kernel.config.options.get(option) == "y"}
+    return frozenset(names)
+
+
+def resolve_modules(kernel: BootKernel, wanted: Sequence[str]) -> list[ModuleInfo]:
+    """The load order for ``wanted`` on ``kernel``; ConfigError naming a module it lacks."""
+    if kernel.module_index is not None:
+        index = kernel.module_index
+    else:
+        index = index_modules(kernel.modules_dir) if kernel.modules_dir else {}
+    try:
+        return resolve(wanted, index, builtin_names(kernel))
+    except VmError as exc:
+        where = f"in {kernel.modules_dir}" if kernel.modules_dir else "(no modules: pass --modules DIR)"
+        raise ConfigError(f"{exc} {where}") from exc
+
+
+def build_initramfs(kernel: BootKernel, cache: Path,
+                    wanted: Sequence[str] = GUEST_MODULES) -> Path:
+    """Return the path of the cpio for ``kernel``, building it if not cached.
+
+    Raises ConfigError naming a module the kernel lacks, VmError when
+    busybox-static is missing.  Writes atomically (temp file + rename), so
+    concurrent runs are safe.
     """
     busybox = find_busybox().read_bytes()
     init = init_script()
-    target = cache / f"initramfs-{kernel.release}-{cache_key(kernel, busybox, init, wanted)}.img"
+    load = modules_to_load(wanted, kernel.config)
+    target = cache / f"initramfs-{kernel.release}-{cache_key(kernel, busybox, init, load)}.img"
     if target.is_file():
         return target
-    modules = resolve_in(kernel.modules_dir, wanted)
-    archive = cpio_newc(build_entries(busybox, init, modules))
+    at_boot = resolve_modules(kernel, [m for m in load if m not in ON_DEMAND])
+    loaded = {m.name for m in at_boot}
+    chains = [[m for m in resolve_modules(kernel, [name]) if m.name not in loaded]
+              for name in load if name in ON_DEMAND]
+    archive = cpio_newc(build_entries(busybox, init, at_boot, chains))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))

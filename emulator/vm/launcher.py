@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mktme_emu.errors import BootFailure, MktmeError, VmError
+from mktme_emu.vm import timeline
 from mktme_emu.vm.console import ConsoleFilter
 from mktme_emu.vm.lifetime import WATCHDOG, die_with_parent
 from mktme_emu.vm.nvdimm import NvdimmBackend, PlainNvdimm, spec_of
@@ -107,7 +108,8 @@ class _Session:
     def __init__(self, cfg: VmConfig, backends: Sequence[NvdimmBackend], req: RunRequest,
                  progress: Progress, phase: PhaseHook) -> None:
         self.cfg, self.backends, self.req = cfg, backends, req
-        self.progress, self.phase = progress, phase
+        self.progress, self.phase_hook = progress, phase
+        self.timer = timeline.PhaseTimer()
         self.result = VmResult(interactive=req.interactive)
         self.protocol = StatusProtocol(GuestPlan(req.command, req.cwd, req.interactive,
                                                  cfg.rwdirs))
@@ -119,6 +121,11 @@ class _Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self.failures: list[BaseException] = []
         self.clock = ResetClock()
+
+    def phase(self, name: str, detail: str = "") -> None:
+        """Record a phase of the run (VmResult.phases) and tell the caller's hook."""
+        self.timer.mark(name, detail)
+        self.phase_hook(name)
 
     # -- supervision: no exception is lost -----------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -153,7 +160,8 @@ class _Session:
             self.result.status, self.result.init_error = state.status, state.init_error
             if kind == "hello":
                 self.clock.hello()
-                self.phase("init-hello")
+                uptime = line.decode(errors="replace").strip().partition(" ")[2]
+                self.phase("init-hello", uptime)  # init says its kernel's uptime
                 if state.boots > 1:
                     self.progress("guest rebooted: NVDIMM power-cycled" if self.backends
                                   else "guest rebooted")
@@ -360,6 +368,7 @@ class _Session:
             for server in servers:
                 server.close()
             self.phase("teardown-done")
+            self.result.phases = self.timer.marks()
         self._collect_console()
         if self.failures:
             failure = self.failures[0]

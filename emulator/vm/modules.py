@@ -9,7 +9,11 @@ anything itself) needs.
 
 from __future__ import annotations
 
+import gzip
 import lzma
+import shutil
+import subprocess
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
@@ -19,8 +23,9 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from mktme_emu.errors import VmError
 
-#: Suffixes a module file may carry (Debian 6.1 ships plain .ko; later ones .ko.xz).
-MODULE_SUFFIXES = (".ko", ".ko.xz")
+#: Suffixes a module file may carry (Debian 6.1 ships plain .ko; later ones .ko.xz;
+#: ``make modules_install`` compresses as CONFIG_MODULE_COMPRESS_* says).
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
 
 def canonical(name: str) -> str:
@@ -35,17 +40,36 @@ class ModuleInfo:
     name: str
     path: Path
     depends: tuple[str, ...]
+    aliases: tuple[str, ...] = ()  # what request_module() may ask for (fs-ext4, crypto-crc32c)
 
 
 def read_module(path: Path) -> bytes:
-    """Return the ELF bytes of a module, decompressing ``.ko.xz`` with lzma."""
+    """Return the ELF bytes of a module, decompressing .ko.xz/.ko.gz/.ko.zst.
+
+    busybox insmod takes plain ELF only, so the initramfs holds them
+    decompressed.  zstd has no module in Python 3.11's library: the zstd tool.
+    """
     data = path.read_bytes()
-    if path.name.endswith(".xz"):
-        try:
-            data = lzma.decompress(data)
-        except lzma.LZMAError as exc:
-            raise VmError(f"cannot decompress kernel module {path}: {exc}") from exc
+    try:
+        if path.name.endswith(".xz"):
+            return lzma.decompress(data)
+        if path.name.endswith(".gz"):
+            return gzip.decompress(data)
+        if path.name.endswith(".zst"):
+            return _unzstd(path, data)
+    except (lzma.LZMAError, OSError, EOFError, zlib.error) as exc:
+        raise VmError(f"cannot decompress kernel module {path}: {exc}") from exc
     return data
+
+
+def _unzstd(path: Path, data: bytes) -> bytes:
+    if shutil.which("zstd") is None:
+        raise VmError(f"{path} is zstd-compressed and the zstd tool is not installed "
+                      "(apt install zstd, or build with CONFIG_MODULE_COMPRESS_NONE)")
+    proc = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=False)
+    if proc.returncode:
+        raise VmError(f"cannot decompress kernel module {path}: zstd exit {proc.returncode}")
+    return proc.stdout
 
 
 def parse_modinfo(data: bytes) -> dict[str, list[str]]:
@@ -71,15 +95,48 @@ def module_info(path: Path) -> ModuleInfo:
     stem = path.name.split(".ko")[0]
     name = canonical(info.get("name", [stem])[0])
     deps = tuple(canonical(d) for d in ",".join(info.get("depends", [])).split(",") if d)
-    return ModuleInfo(name=name, path=path, depends=deps)
+    return ModuleInfo(name=name, path=path, depends=deps, aliases=tuple(info.get("alias", [])))
+
+
+def _module_name(filename: str) -> str | None:
+    for suffix in MODULE_SUFFIXES:
+        if filename.endswith(suffix):
+            return canonical(filename[: -len(suffix)])
+    return None
+
+
+def _listed_modules(modules_dir: Path) -> dict[str, Path] | None:
+    """The modules ``modules.order`` lists, when every one is there (else None).
+
+    A kernel build tree is tens of thousands of files; its modules.order
+    (written by kbuild, copied by modules_install) names the built modules
+    without a walk.  Entries are ``dir/name.ko`` (``.o`` since 6.2); the
+    installed file may carry a compression suffix.
+    """
+    order = modules_dir / "modules.order"
+    if not order.is_file():
+        return None
+    index: dict[str, Path] = {}
+    for line in order.read_text().split():
+        stem = line.removesuffix(".o").removesuffix(".ko")
+        found = next((modules_dir / f"{stem}{s}" for s in MODULE_SUFFIXES
+                      if (modules_dir / f"{stem}{s}").is_file()), None)
+        if found is None:
+            return None
+        index.setdefault(canonical(found.name.split(".ko")[0]), found)
+    return index
 
 
 def index_modules(modules_dir: Path) -> dict[str, Path]:
     """Map canonical module name -> file for every module under ``modules_dir``."""
+    listed = _listed_modules(modules_dir)
+    if listed is not None:
+        return listed
     index: dict[str, Path] = {}
-    for suffix in MODULE_SUFFIXES:
-        for path in modules_dir.rglob(f"*{suffix}"):
-            index.setdefault(canonical(path.name[: -len(suffix)]), path)
+    for path in sorted(modules_dir.rglob("*.ko*")):
+        name = _module_name(path.name)
+        if name is not None and path.is_file():
+            index.setdefault(name, path)
     return index
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
+from mktme_emu.vm.timeline import PhaseMark
+
 #: Exit statuses of `run` that are not the command's own.
 EXIT_PANIC = 255  # the guest kernel panicked
 EXIT_BOOT_FAILURE = 254  # the command never started (init error, QEMU died, boot timeout)
@@ -30,6 +32,7 @@ class VmResult:
     bases: list[int] = field(default_factory=list)
     console_tail: str = ""
     output: str = ""  # the whole console output, when the request asked to capture it
+    phases: tuple[PhaseMark, ...] = ()  # when each phase of the run was reached (make bench)
 
     @property
     def exit_code(self) -> int:

@@ -95,7 +95,7 @@ class VmConfig:
     memory: int | None = None  # bytes; None = the profile's
     cpus: int | None = None
     interactive: bool = False  # console on stdio (boot) or on a socket (run)
-    gdb: bool = False
+    gdb_port: int | None = None  # a gdbstub on 127.0.0.1:PORT
     append: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
     qemu: str = QEMU
@@ -212,9 +212,8 @@ def qemu_argv(cfg: VmConfig) -> list[str]:
     argv += _share_args(cfg)
     argv += _nvdimm_args(cfg)
     argv += cfg.net_args
-    if cfg.gdb:
-        argv += ["-gdb", "chardev:gdb"] if profile_value(cfg.profile, "chardev", "backend") \
-            else ["-gdb", "tcp::1234"]
+    if cfg.gdb_port is not None:  # loopback only: the stub can read and write guest memory
+        argv += ["-gdb", f"tcp:127.0.0.1:{cfg.gdb_port}"]
     return argv + list(cfg.extra_args)
 
 
