@@ -90,10 +90,12 @@ class XtsKey:
     one set per thread: ``cryptography`` releases the GIL while it encrypts,
     and a context may not be used by two threads at once.  Equal halves are
     refused, as IEEE 1619-2018 requires.  :meth:`wipe` zeroes the copy of
-    the key this object holds; the repr never shows key material.
+    the key this object holds in place and drops every context; a wiped key
+    raises CryptoError instead of ever building an all-zero cipher.  The
+    repr never shows key material.
     """
 
-    __slots__ = ("_key", "_local", "bits")
+    __slots__ = ("_key", "_local", "_wiped", "bits")
 
     def __init__(self, key: bytes | bytearray) -> None:
         if len(key) not in (32, 64):
@@ -104,9 +106,15 @@ class XtsKey:
         self.bits = half * 8
         self._key = bytearray(key)
         self._local = threading.local()
+        self._wiped = False
 
     def contexts(self) -> _Contexts:
-        """This thread's OpenSSL contexts for the key (built on first use)."""
+        """This thread's OpenSSL contexts for the key (built on first use).
+
+        Raises CryptoError once the key is wiped.
+        """
+        if self._wiped:
+            raise CryptoError("this XTS key was wiped; it can no longer encrypt or decrypt")
         ctx: _Contexts | None = getattr(self._local, "ctx", None)
         if ctx is None:
             half = len(self._key) // 2
@@ -117,8 +125,14 @@ class XtsKey:
         return ctx
 
     def wipe(self) -> None:
-        """Zero the held key bytes (contexts already built stay usable)."""
+        """Zero the held key bytes in place and forget every thread's contexts."""
+        self._wiped = True
         self._key[:] = bytes(len(self._key))
+        self._local = threading.local()
+
+    @property
+    def wiped(self) -> bool:
+        return self._wiped
 
     def __repr__(self) -> str:
         return f"<XtsKey AES-XTS-{self.bits}>"

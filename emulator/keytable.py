@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .crypto import XtsKey
-from .errors import ConfigError, CryptoError, KeyProgramError
+from .errors import ConfigError, CryptoError, KeyProgramError, MktmeError
 from .fileio import atomic_write
 from .pconfig import (
     KEY_FIELD_SIZE,
@@ -35,8 +35,9 @@ from .pconfig import (
 )
 
 __all__ = [
-    "KEY_FIELD_SIZE", "STRUCT_SIZE", "Algorithm", "KeyCommand", "KeyProgram", "KeyStatus",
-    "KeyTable", "PreparedKey", "SlotKind", "TmePolicy", "build_program", "parse_key_options",
+    "KEY_FIELD_SIZE", "STRUCT_SIZE", "Algorithm", "KeyCommand", "KeyLostError", "KeyProgram",
+    "KeyStatus", "KeyTable", "PreparedKey", "SlotKind", "TmePolicy", "build_program",
+    "parse_key_options",
 ]
 
 MIN_KEYID_BITS, MAX_KEYID_BITS, DEFAULT_KEYID_BITS = 1, 15, 6
@@ -62,10 +63,18 @@ class SlotKind(enum.IntEnum):
     NO_ENCRYPT = 3
 
 
+class KeyLostError(MktmeError):
+    """A KeyID's key died in a backend restart: nothing may be encrypted or decrypted with it."""
+
+
 @dataclass
 class _Slot:
+    """One keyslot.  ``lost``: the slot had a key (``kind`` says which) that died with
+    an earlier backend process; it stays LOST until programmed again or a power cycle."""
+
     kind: SlotKind = SlotKind.TME
     key: XtsKey | None = None
+    lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ class KeyTable:
         return PreparedKey(prog.keyid, kind, key)
 
     def commit(self, prepared: PreparedKey) -> None:
-        """Switch the KeyID to the prepared key; the old key is wiped."""
+        """Switch the KeyID to the prepared key; the old key is wiped, a LOST state ends."""
         slot = self._slots[prepared.keyid]
         if slot.key is not None:
             slot.key.wipe()
@@ -180,20 +189,66 @@ class KeyTable:
         return self._slots[self._check(keyid)].kind
 
     def cipher(self, keyid: int) -> XtsKey | None:
-        """The key data under this KeyID is encrypted with; None = stored as is."""
+        """The key data under this KeyID is encrypted with; None = stored as is.
+
+        Raises KeyLostError for a LOST KeyID: its data must never pass as plaintext.
+        """
         slot = self._slots[self._check(keyid)]
+        if slot.lost:
+            raise KeyLostError(f"KeyID {keyid}: its key was lost in a backend restart")
         if slot.kind is SlotKind.TME:
             return self._platform_key
         return slot.key  # None for NO_ENCRYPT
 
+    def is_lost(self, keyid: int) -> bool:
+        """Did this KeyID's key die in a backend restart (and not come back since)?"""
+        return self._slots[self._check(keyid)].lost
+
+    def lost_keyids(self) -> list[int]:
+        """The LOST KeyIDs, in order."""
+        return [keyid for keyid, slot in enumerate(self._slots) if slot.lost]
+
+    def slot_kinds(self) -> list[SlotKind]:
+        """Every KeyID's kind, for persisting (a LOST slot keeps the kind of the key it lost)."""
+        return [slot.kind for slot in self._slots]
+
+    def restore(self, kinds: Sequence[int], in_use: Collection[int]) -> list[int]:
+        """After a backend restart: rebuild the slots from the persisted kinds.
+
+        ``in_use`` are the KeyIDs some page is mapped with.  NO_ENCRYPT comes
+        back (it has no key to lose); a KeyID no page uses is reset to TME; a
+        used KeyID that had a user or random key, or any used KeyID whose
+        data is under the ephemeral platform key, becomes LOST (its kind kept,
+        so a second restart still knows).  Returns the LOST KeyIDs.
+        """
+        for keyid, raw in enumerate(kinds):
+            kind = SlotKind(raw)
+            if kind is SlotKind.NO_ENCRYPT:
+                self._slots[keyid] = _Slot(SlotKind.NO_ENCRYPT)
+            elif keyid not in in_use:
+                self._slots[keyid] = _Slot()
+            elif kind is not SlotKind.TME or self.tme is TmePolicy.EPHEMERAL:
+                self._slots[keyid] = _Slot(kind, None, lost=True)
+        return self.lost_keyids()
+
     def power_cycle(self) -> None:
-        """Forget every programmed key and, under ``ephemeral``, the platform key."""
+        """Forget every programmed key, every LOST state and, under ``ephemeral``, the platform key."""
         for keyid, slot in enumerate(self._slots):
             if slot.key is not None:
                 slot.key.wipe()
             self._slots[keyid] = _Slot()
         if self.tme is TmePolicy.EPHEMERAL:
+            if self._platform_key is not None:
+                self._platform_key.wipe()
             self._platform_key = self._make_platform_key()
+
+    def wipe(self) -> None:
+        """Zero every key this table holds, the platform key included (the device is closing)."""
+        for slot in self._slots:
+            if slot.key is not None:
+                slot.key.wipe()
+        if self._platform_key is not None:
+            self._platform_key.wipe()
 
     def restore_no_encrypt(self, keyid: int) -> None:
         """Re-establish a NO_ENCRYPT KeyID after a backend restart (it has no key to lose)."""
@@ -210,10 +265,13 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def _random_xts_key(random: RandomSource, size: int) -> XtsKey:
-    while True:
-        raw = random(size)
-        if raw[: size // 2] != raw[size // 2:]:
-            return XtsKey(raw)
+    raw = bytearray(size)
+    try:
+        while raw[: size // 2] == raw[size // 2:]:
+            raw[:] = random(size)
+        return XtsKey(raw)
+    finally:
+        raw[:] = bytes(size)  # the XtsKey holds its own copy
 
 
 def _load_or_create_retained_key(path: Path, random: RandomSource) -> XtsKey:

@@ -276,8 +276,8 @@ class Backend:
 
     def _flush(self, payload: bytes, role: p.Role) -> bytes:
         offset, length = self._expect(payload, p.RANGE_REQ)
-        written = self.controller.flush(offset, length) if length else self.controller.flush()
-        return p.U64.pack(written)
+        result = self.controller.flush(offset, length) if length else self.controller.flush()
+        return p.U64.pack(result.written)
 
     def _relocate(self, payload: bytes, role: p.Role) -> bytes:
         src, dst, length, mode, _ = self._expect(payload, p.RELOCATE_REQ)

@@ -258,8 +258,10 @@ class Backend:
             return f.read(self.size - offset if length is None else length)
 
     def state_files(self) -> dict[str, bytes]:
-        """Every regular file of the state directory with its contents."""
-        return {f.name: f.read_bytes() for f in sorted(self.state_dir.iterdir()) if f.is_file()}
+        """Every regular file of the state directory with its contents, but the lock file
+        (it holds the pid of the last process that took the lock, nothing of the device)."""
+        return {f.name: f.read_bytes() for f in sorted(self.state_dir.iterdir())
+                if f.is_file() and f.name != "lock"}
 
 
 class Backends:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mktme_emu.controller import ControllerConfig, MemoryController
+from mktme_emu.controller import ControllerConfig, open_controller
 from mktme_emu.errors import ErrorCode, RemoteError
 from mktme_emu.protocol import Client, KeyCommand, KeyStatus, key_program
 from mktme_emu.service import Backend, ServiceConfig
@@ -19,8 +19,8 @@ BUSY_TIMEOUT = 0.3
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[Backend]:
-    controller = MemoryController(ControllerConfig(state_dir=tmp_path / "state", size=4 << 20,
-                                                   base=0x1_0000_0000, view_path=tmp_path / "view"))
+    controller = open_controller(ControllerConfig(state_dir=tmp_path / "state", size=4 << 20,
+                                                  base=0x1_0000_0000, view_path=tmp_path / "view"))
     service = Backend(controller, ServiceConfig(admin_socket=tmp_path / "admin.sock",
                                                 guest_socket=None, busy_timeout=BUSY_TIMEOUT))
     ready = threading.Event()

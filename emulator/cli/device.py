@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from .. import protocol as p
-from ..controller import ControllerConfig, MemoryController, TweakMode
+from ..controller import ControllerConfig, TweakMode, open_controller
 from ..controller.persist import load_metadata
 from ..crypto import DEFAULT_UNIT, XtsKey, XtsPool
-from ..errors import ConfigError
+from ..errors import ConfigError, StateError
 from ..keytable import DEFAULT_KEYID_BITS, TmePolicy
 from ..service import ServiceConfig, run_backend
 from . import args as types
@@ -88,7 +88,7 @@ def serve_config(args: argparse.Namespace) -> ControllerConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     config = serve_config(args)
-    controller = MemoryController(config)
+    controller = open_controller(config)  # one-line StateError: locked, damaged, disk full
     service = ServiceConfig(admin_socket=args.socket or config.state_dir / ADMIN_SOCKET,
                             guest_socket=args.guest_socket or config.state_dir / GUEST_SOCKET)
 
@@ -97,7 +97,12 @@ def _serve(args: argparse.Namespace) -> int:
                  _human(config.size), controller.base, config.view, service.admin_socket,
                  service.guest_socket)
 
-    run_backend(controller, service, ready)
+    try:
+        run_backend(controller, service, ready)
+    except OSError as exc:  # the write-back at exit failed: never report success
+        raise StateError(f"writing back at exit failed: {exc.strerror or exc}"
+                         f"{f' ({exc.filename})' if exc.filename else ''}; the media holds "
+                         "what the last successful flush made durable") from exc
     log.info("written back; exiting")
     return 0
 

@@ -6,13 +6,15 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from ..errors import StateError
+from ..fileio import IOV_MAX, OS_IO, FileIO, pwritev_all, write_all
 from .config import PAGE_SIZE
-from .persist import IOV_MAX, JOURNAL_FILE, Journal, JournalRecord, PageState, pwritev_all
+from .persist import JOURNAL_BATCH_PAGES, JOURNAL_FILE, Journal, JournalRecord, PageState
 
 MEDIA_FILE = "media"
 LABEL_FILE = "label"
-# Pages per journal batch: bounds the journal file and the memory a batch pins.
-JOURNAL_BATCH_PAGES = 4096
+
+__all__ = ["JOURNAL_BATCH_PAGES", "LABEL_FILE", "MEDIA_FILE", "Media"]
 
 
 def _contiguous_runs(pages: Sequence[tuple[int, memoryview]]) -> Iterator[tuple[int, list[memoryview]]]:
@@ -34,35 +36,40 @@ class Media:
     """Byte i of ``media`` is data-area offset i; nothing else is in it.
 
     Reads are plain preads.  Writes go journal -> media, batch by batch, so
-    no page is ever torn; :meth:`sync` makes them durable.  Not thread-safe.
+    no page is ever torn; :meth:`sync` makes them durable.  Every write and
+    sync goes through ``io`` (the fault-injection seam).  Not thread-safe.
     """
 
-    def __init__(self, state_dir: Path, size: int, label_size: int) -> None:
+    def __init__(self, state_dir: Path, size: int, label_size: int, io: FileIO = OS_IO) -> None:
         self.size = size
         self.label_path = state_dir / LABEL_FILE
         self.label_size = label_size
+        self._io = io
         path = state_dir / MEDIA_FILE
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        existing = os.fstat(self._fd).st_size
-        if existing not in (0, size):
-            os.close(self._fd)
-            from ..errors import StateError
-            raise StateError(f"{path} holds {existing} bytes, the device has {size}")
-        if existing == 0:
-            os.ftruncate(self._fd, size)
-        self.journal = Journal(state_dir / JOURNAL_FILE)
+        self._fd = io.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            existing = os.fstat(self._fd).st_size
+            if existing not in (0, size):
+                raise StateError(f"{path} holds {existing} bytes, the device has {size}")
+            if existing == 0:
+                io.ftruncate(self._fd, size)
+            self.journal = Journal(state_dir / JOURNAL_FILE, io)
+        except BaseException:
+            io.close(self._fd)
+            raise
 
-    def replay(self) -> JournalRecord | None:
+    def replay(self, keyids: int) -> JournalRecord | None:
         """Finish the batch a crash interrupted, if the journal holds a complete one.
 
         Returns it so the caller can apply the page states it carries, and
-        then :meth:`Journal.retire` it.  Blocks on fdatasync.
+        then :meth:`Journal.retire` it.  A record that does not fit the device
+        raises StateError before anything is written.  Blocks on fdatasync.
         """
-        record = self.journal.pending()
+        record = self.journal.pending(self.size, keyids)
         if record is not None:
             for offset, page in record.pages:
-                os.pwrite(self._fd, page, offset)
-            os.fdatasync(self._fd)
+                write_all(self._io, self._fd, page, offset)
+            self._io.fdatasync(self._fd)
         return record
 
     @property
@@ -93,15 +100,15 @@ class Media:
             batch = pages[start:end]
             self.journal.record(batch, None if states is None else states[start:end])
             for offset, run in _contiguous_runs(batch):
-                pwritev_all(self._fd, run, offset)
-            os.fdatasync(self._fd)
+                pwritev_all(self._io, self._fd, run, offset)
+            self._io.fdatasync(self._fd)
             if applied is not None:
                 applied(start, end)
             self.journal.retire()
 
     def sync(self) -> None:
         """Make every media write so far durable. Blocks on fdatasync."""
-        os.fdatasync(self._fd)
+        self._io.fdatasync(self._fd)
 
     def read_label(self) -> bytes:
         try:
@@ -111,5 +118,7 @@ class Media:
         return raw[: self.label_size].ljust(self.label_size, b"\0")
 
     def close(self) -> None:
-        self.journal.close()
-        os.close(self._fd)
+        try:
+            self.journal.close()
+        finally:
+            self._io.close(self._fd)

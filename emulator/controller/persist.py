@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StateError
-from ..fileio import atomic_write
+from ..fileio import OS_IO, FileIO, atomic_write, pwritev_all, write_all
 from .config import PAGE_SIZE
 
 METADATA_FILE = "metadata"
@@ -36,7 +36,9 @@ _MD_HEAD = struct.Struct("<8sI")
 _JR_MAGIC = 0x4C4E524A4D544B4D  # "MKTMJRNL"
 _JR_HEAD = struct.Struct("<QQIIQ")  # magic, sequence, page count, crc32, flags
 _JR_HAS_STATES = 1  # the record carries each page's new KeyID and tweak
-IOV_MAX = 512  # below the kernel's UIO_MAXIOV (1024)
+# Pages per journal batch: bounds the journal file and the memory a batch pins.
+JOURNAL_BATCH_PAGES = 4096
+_MD_HEADER_MAX = 1 << 20  # the JSON header is a few hundred bytes
 
 
 @dataclass
@@ -61,25 +63,54 @@ class Metadata:
 
     @classmethod
     def decode(cls, raw: bytes, where: Path) -> Metadata:
+        """Parse and check a metadata file; any damage is one StateError, never a crash."""
         if len(raw) < _MD_HEAD.size + 4 or raw[:8] != _MD_MAGIC:
             raise StateError(f"{where}: not an mktme-emu metadata file")
         body, (crc,) = raw[:-4], struct.unpack("<I", raw[-4:])
         if zlib.crc32(body) != crc:
             raise StateError(f"{where}: metadata checksum mismatch (damaged file)")
-        _, header_len = _MD_HEAD.unpack_from(raw)
+        try:
+            return cls._decode_body(body, where)
+        except (ValueError, KeyError, TypeError) as exc:  # json, numpy, shapes
+            raise StateError(f"{where}: malformed metadata ({exc})") from None
+
+    @classmethod
+    def _decode_body(cls, body: bytes, where: Path) -> Metadata:
+        _, header_len = _MD_HEAD.unpack_from(body)
+        if header_len > min(_MD_HEADER_MAX, len(body) - _MD_HEAD.size):
+            raise StateError(f"{where}: metadata header length {header_len} is impossible")
         start = _MD_HEAD.size + header_len
-        header = json.loads(raw[_MD_HEAD.size:start])
-        pages, keyids = header["pages"], header["keyids"]
-        keyid = np.frombuffer(raw, "<u2", pages, start).astype(np.uint16)
-        tweak = np.frombuffer(raw, "<u8", pages, start + 2 * pages).astype(np.uint64)
-        kinds = np.frombuffer(raw, "u1", keyids, start + 10 * pages).astype(np.uint8)
-        pending = [tuple(r) for r in header.get("pending_fill", [])]
-        return cls(header["config"], keyid, tweak, kinds, pending)  # type: ignore[arg-type]
+        header = json.loads(body[_MD_HEAD.size:start])
+        pages, keyids = int(header["pages"]), int(header["keyids"])
+        if pages < 0 or keyids < 0 or len(body) != start + 10 * pages + keyids:
+            raise StateError(f"{where}: metadata of {len(body)} bytes cannot hold "
+                             f"{pages} pages and {keyids} KeyIDs")
+        keyid = np.frombuffer(body, "<u2", pages, start).astype(np.uint16)
+        tweak = np.frombuffer(body, "<u8", pages, start + 2 * pages).astype(np.uint64)
+        kinds = np.frombuffer(body, "u1", keyids, start + 10 * pages).astype(np.uint8)
+        pending = [(int(a), int(b)) for a, b in header.get("pending_fill", [])]
+        if not isinstance(header["config"], dict):
+            raise StateError(f"{where}: metadata without a device configuration")
+        return cls(header["config"], keyid, tweak, kinds, pending)
+
+    def check(self, pages: int, keyids: int, kinds: int, where: Path) -> None:
+        """Refuse metadata that does not fit the device: no later step may trust it blindly."""
+        if len(self.page_keyid) != pages or len(self.keyid_kind) != keyids:
+            raise StateError(f"{where}: metadata holds {len(self.page_keyid)} pages and "
+                             f"{len(self.keyid_kind)} KeyIDs, the device has {pages} and {keyids}")
+        if pages and int(self.page_keyid.max()) >= keyids:
+            raise StateError(f"{where}: a page has KeyID {int(self.page_keyid.max())}, "
+                             f"beyond the device's {keyids}")
+        if keyids and int(self.keyid_kind.max()) >= kinds:
+            raise StateError(f"{where}: unknown KeyID kind {int(self.keyid_kind.max())}")
+        for start, end in self.pending_fill:
+            if not 0 <= start < end <= pages:
+                raise StateError(f"{where}: pending fill {start}..{end} outside {pages} pages")
 
 
-def save_metadata(state_dir: Path, meta: Metadata) -> None:
-    """Replace the metadata file atomically and durably. Blocks on fsync."""
-    atomic_write(state_dir / METADATA_FILE, meta.encode())
+def save_metadata(state_dir: Path, meta: Metadata, io: FileIO = OS_IO) -> None:
+    """Replace the metadata file atomically and durably. Blocks on fsync; raises OSError."""
+    atomic_write(state_dir / METADATA_FILE, meta.encode(), io=io)
 
 
 def load_metadata(state_dir: Path) -> Metadata | None:
@@ -90,18 +121,6 @@ def load_metadata(state_dir: Path) -> Metadata | None:
     except FileNotFoundError:
         return None
     return Metadata.decode(raw, path)
-
-
-def pwritev_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
-    """pwritev that finishes short writes; returns the bytes written."""
-    total = sum(len(b) for b in buffers)
-    done = os.pwritev(fd, buffers, offset)
-    if done < total:  # rare (signals, quotas): finish the rest plainly
-        rest = b"".join(bytes(b) for b in buffers)[done:]
-        while rest:
-            n = os.pwrite(fd, rest, offset + done)
-            rest, done = rest[n:], done + n
-    return total
 
 
 @dataclass(frozen=True)
@@ -128,13 +147,14 @@ class Journal:
     since a restart replays both.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, io: FileIO = OS_IO) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._io = io
+        self._fd = io.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._sequence = 0
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._io.close(self._fd)
 
     def record(self, pages: Sequence[tuple[int, bytes | memoryview]],
                states: Sequence[PageState] | None = None) -> None:
@@ -152,29 +172,54 @@ class Journal:
         flags = _JR_HAS_STATES if states is not None else 0
         header = _JR_HEAD.pack(_JR_MAGIC, self._sequence, len(pages), crc, flags)
         buffers: list[bytes | memoryview] = [header, index, meta, *chunks]
-        position = 0
-        for start in range(0, len(buffers), IOV_MAX):
-            position += pwritev_all(self._fd, buffers[start:start + IOV_MAX], position)
-        os.fdatasync(self._fd)
+        pwritev_all(self._io, self._fd, buffers, 0)
+        self._io.fdatasync(self._fd)
 
     def retire(self) -> None:
         """Mark the batch applied (a lost retire only means an idempotent replay)."""
-        os.pwrite(self._fd, bytes(_JR_HEAD.size), 0)
+        write_all(self._io, self._fd, bytes(_JR_HEAD.size), 0)
 
-    def pending(self) -> JournalRecord | None:
-        """The last batch if it is complete and valid, else None."""
+    def pending(self, device_size: int, keyids: int) -> JournalRecord | None:
+        """The last batch if it is complete and valid, else None.
+
+        A complete record that does not fit the device (a page outside
+        ``device_size``, a KeyID beyond ``keyids``, more pages than a batch
+        holds) is refused with StateError rather than replayed: replaying it
+        would grow or scribble over the media.
+        """
         head = os.pread(self._fd, _JR_HEAD.size, 0)
         if len(head) < _JR_HEAD.size:
             return None
         magic, sequence, count, crc, flags = _JR_HEAD.unpack(head)
         if magic != _JR_MAGIC or count == 0:
             return None
+        if count > JOURNAL_BATCH_PAGES or flags & ~_JR_HAS_STATES:
+            raise StateError(f"{self.path}: journal record of {count} pages (flags {flags:#x}) "
+                             f"is not one this program writes (at most {JOURNAL_BATCH_PAGES}); "
+                             "damaged or crafted: move it away to start without it")
         meta_size = 16 * count if flags & _JR_HAS_STATES else 0
         body_size = 8 * count + meta_size + PAGE_SIZE * count
         body = os.pread(self._fd, body_size, _JR_HEAD.size)
         if len(body) != body_size or zlib.crc32(body) != crc:
             return None
+        record = self._parse(body, count, meta_size)
+        self._check(record, device_size, keyids)
         self._sequence = sequence
+        return record
+
+    def _check(self, record: JournalRecord, device_size: int, keyids: int) -> None:
+        for offset, _ in record.pages:
+            if offset % PAGE_SIZE or offset + PAGE_SIZE > device_size:
+                raise StateError(f"{self.path}: journal record writes a page at {offset:#x}, "
+                                 f"outside the {device_size:#x}-byte device; damaged or crafted: "
+                                 "move it away to start without it")
+        for state in record.states or []:
+            if state.keyid >= keyids:
+                raise StateError(f"{self.path}: journal record gives a page KeyID "
+                                 f"{state.keyid}, beyond the device's {keyids}")
+
+    @staticmethod
+    def _parse(body: bytes, count: int, meta_size: int) -> JournalRecord:
         offsets = np.frombuffer(body, "<u8", count)
         data = body[8 * count + meta_size:]
         pages = [(int(off), data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i, off in enumerate(offsets)]

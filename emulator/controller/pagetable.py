@@ -1,0 +1,146 @@
+"""The per-page state of the data area: each page's KeyID and logical tweak.
+
+The stand-in for the KeyID bits in the guest's page tables (SPEC 3).  The
+page table owns the two per-page arrays, the page ranges whose view fill is
+in progress, their persistence in the metadata file, and the undo that puts
+memory back as the disk has it when persisting fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import FileIO
+from .persist import JournalRecord, Metadata, save_metadata
+
+Range = tuple[int, int]  # [start, end) in pages
+
+
+class PageTable:
+    """KeyID (uint16) and logical page tweak (uint64) of every page; not thread-safe.
+
+    ``pending`` is the list of ranges whose fill the metadata file marks as
+    in progress: a start finds them there and fills them again.
+    """
+
+    def __init__(self, state_dir: Path, io: FileIO, keyid: np.ndarray, tweak: np.ndarray,
+                 pending: Sequence[Range] = ()) -> None:
+        self._state_dir = state_dir
+        self._io = io
+        self.keyid = keyid
+        self.tweak = tweak
+        self.pending: list[Range] = list(pending)
+
+    @classmethod
+    def fresh(cls, state_dir: Path, io: FileIO, pages: int) -> PageTable:
+        """Every page under KeyID 0, page tweak = page index."""
+        return cls(state_dir, io, np.zeros(pages, np.uint16), np.arange(pages, dtype=np.uint64))
+
+    @classmethod
+    def from_metadata(cls, state_dir: Path, io: FileIO, stored: Metadata) -> PageTable:
+        return cls(state_dir, io, stored.page_keyid.copy(), stored.page_tweak.copy(),
+                   stored.pending_fill)
+
+    @property
+    def pages(self) -> int:
+        return len(self.keyid)
+
+    # -- changes -------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Power cycle: every page back to KeyID 0 and its index as tweak."""
+        self.keyid[:] = 0
+        self.tweak[:] = np.arange(self.pages, dtype=np.uint64)
+
+    def assign(self, start: int, end: int, keyid: int, logical_tweak: int | None) -> None:
+        """Give pages [start, end) a KeyID and, optionally, consecutive logical tweaks."""
+        self.keyid[start:end] = keyid
+        if logical_tweak is not None:
+            self.tweak[start:end] = np.arange(end - start, dtype=np.uint64) + np.uint64(logical_tweak)
+
+    def copy_state(self, src: int, dst: int, count: int) -> None:
+        """Pages dst.. take the KeyID and tweak of pages src.. (a keyed relocation)."""
+        self.keyid[dst:dst + count] = self.keyid[src:src + count]
+        self.tweak[dst:dst + count] = self.tweak[src:src + count]
+
+    def apply_record(self, record: JournalRecord | None, page_size: int) -> list[Range]:
+        """Apply the page states a replayed journal batch carries; returns the pages to refill."""
+        if record is None or record.states is None:
+            return []
+        touched = []
+        for (offset, _), state in zip(record.pages, record.states, strict=True):
+            page = offset // page_size
+            self.keyid[page], self.tweak[page] = state.keyid, state.tweak
+            touched.append(page)
+        return ranges(np.asarray(sorted(touched)))
+
+    @contextlib.contextmanager
+    def undo_on_error(self) -> Iterator[None]:
+        """Restore both arrays if the block raises (say, ENOSPC persisting them):
+        a refused request must leave memory as it left the disk."""
+        saved = (self.keyid.copy(), self.tweak.copy())
+        try:
+            yield
+        except BaseException:
+            self.keyid[:], self.tweak[:] = saved
+            raise
+
+    # -- questions -----------------------------------------------------------
+
+    def in_use(self) -> set[int]:
+        """The KeyIDs some page is mapped with."""
+        return set(np.unique(self.keyid).tolist())
+
+    def keyids_in(self, start: int, end: int) -> list[int]:
+        return [int(k) for k in np.unique(self.keyid[start:end])]
+
+    def count(self, keyid: int, start: int = 0, end: int | None = None) -> int:
+        return int(np.count_nonzero(self.keyid[start:end] == keyid))
+
+    def ranges_of(self, keyid: int) -> list[Range]:
+        """The runs of pages mapped with ``keyid``."""
+        return ranges(np.flatnonzero(self.keyid == keyid))
+
+    def runs(self, start: int, end: int, logical: bool, chunk: int) -> Iterator[tuple[int, int, int]]:
+        """(start, end, keyid) runs of at most ``chunk`` pages sharing a KeyID and,
+        when ``logical``, a contiguous tweak."""
+        keyids = self.keyid[start:end]
+        cuts = np.flatnonzero(keyids[1:] != keyids[:-1]) + 1
+        if logical:
+            tweaks = self.tweak[start:end]
+            jumps = np.flatnonzero(tweaks[1:] - tweaks[:-1] != 1) + 1
+            cuts = np.union1d(cuts, jumps)
+        bounds = [start, *(cuts + start).tolist(), end]
+        for run_start, run_end in itertools.pairwise(bounds):
+            for first in range(run_start, run_end, chunk):
+                yield first, min(first + chunk, run_end), int(self.keyid[run_start])
+
+    # -- persistence ---------------------------------------------------------
+
+    def save(self, config: dict[str, object], kinds: Sequence[int],
+             pending: Sequence[Range] = ()) -> None:
+        """Persist both arrays, the per-KeyID ``kinds`` and the fills in progress.
+
+        Atomic (the old or the new metadata file survives a crash); blocks
+        on fsync; raises OSError, and then ``pending`` is unchanged.
+        """
+        save_metadata(self._state_dir, Metadata(
+            config=config, page_keyid=self.keyid, page_tweak=self.tweak,
+            keyid_kind=np.asarray([int(k) for k in kinds], np.uint8),
+            pending_fill=list(pending)), self._io)
+        self.pending = list(pending)
+
+
+def ranges(pages: np.ndarray) -> list[Range]:
+    """Sorted page indices -> [(start, end)) runs."""
+    if pages.size == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = [int(pages[0]), *pages[cuts].tolist()]
+    ends = [*(pages[cuts - 1] + 1).tolist(), int(pages[-1]) + 1]
+    return list(zip(starts, ends, strict=True))
