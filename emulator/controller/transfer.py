@@ -20,18 +20,35 @@ import numpy as np
 from ..crypto import XtsKey, XtsPool
 from ..keytable import KeyTable
 from .config import PAGE_SIZE, ControllerConfig, TweakMode
+from .digest import CHUNK_PAGES as DIGEST_CHUNK_PAGES
+from .digest import ChunkDigests
+from .fastio import data_extents, pread_exact, pwrite_exact, zero_range
 from .media import JOURNAL_BATCH_PAGES, Media
 from .pagetable import PageTable, Range
 from .persist import PageState
+from .progress import Activity
 from .results import PageInfo, Stats
 from .view import View
 
-# Pages handled per round: bounds the two scratch buffers (2 x 4 MiB).
+# Pages handled per round (a window): bounds the scratch buffers (3 x 4 MiB).
+# A multiple of the digest chunk, so windows split no chunk but at a range's ends.
 CHUNK_PAGES = 1024
+assert CHUNK_PAGES % DIGEST_CHUNK_PAGES == 0
+
+
+# Digests of whole chunks from a first chunk, and which of them to record.
+Verified = tuple[int, np.ndarray, np.ndarray]
 
 
 class Transfer:
-    """Fill and write-back between ``media`` and ``view`` through the key table."""
+    """Fill and write-back between ``media`` and ``view`` through the key table.
+
+    All bulk data moves through the view's descriptor (pread/pwrite into
+    reused buffers), never through its mapping: see :mod:`.fastio`.
+    ``digests`` remembers which chunks of the view still equal what the
+    media holds (see :mod:`.digest`): only the others are re-encrypted and
+    compared at write-back.
+    """
 
     def __init__(self, config: ControllerConfig, keys: KeyTable, pages: PageTable,
                  media: Media, view: View, pool: XtsPool, stats: Stats, base: int) -> None:
@@ -43,6 +60,11 @@ class Transfer:
         self.pool = pool
         self.stats = stats
         self.base = base
+        self.digests = ChunkDigests(pages.pages)
+        self.activity = Activity()
+        # A view this backend just created reads as zeros: holes need no fill.
+        self._view_is_zero = not view.reattached
+        self._plain = memoryview(bytearray(CHUNK_PAGES * PAGE_SIZE))
         self._scratch = bytearray(CHUNK_PAGES * PAGE_SIZE)
         self._scratch2 = bytearray(CHUNK_PAGES * PAGE_SIZE)
 
@@ -63,70 +85,172 @@ class Transfer:
         """(start, end, keyid) runs of pages sharing a KeyID and a contiguous tweak."""
         return self.pages.runs(start, end, self.config.tweak is TweakMode.LOGICAL, CHUNK_PAGES)
 
+    @staticmethod
+    def _windows(start: int, end: int) -> Iterator[tuple[int, int]]:
+        """[start, end) cut at multiples of CHUNK_PAGES (so windows align with digest chunks)."""
+        at = start
+        while at < end:
+            stop = min(end, (at // CHUNK_PAGES + 1) * CHUNK_PAGES)
+            yield at, stop
+            at = stop
+
     # -- fill ------------------------------------------------------------------
 
     def fill(self, start: int, end: int) -> None:
-        """view = decrypt(key of each page's KeyID, tweak, media)."""
-        for run_start, run_end, keyid in self._runs(start, end):
-            offset, length = run_start * PAGE_SIZE, (run_end - run_start) * PAGE_SIZE
-            target = self.view.data[offset:offset + length]
-            key = None if self.keys.is_lost(keyid) else self.keys.cipher(keyid)
-            if key is None:  # no encryption, or lost: the CPU sees the cells as they are
-                self.media.read_into(offset, target)
-            else:
-                staged = memoryview(self._scratch)[:length]
-                self.media.read_into(offset, staged)
-                self.pool.decrypt_into(key, staged, target, self._tweak_base(run_start))
-                self.stats.bytes_decrypted += length
-            self.stats.pages_filled += run_end - run_start
+        """view = decrypt(key of each page's KeyID, tweak, media), window by window.
+
+        Records each whole chunk's digest of what it wrote (see :mod:`.digest`).
+        """
+        self.digests.invalidate(start, end)
+        self.activity.begin("fill", (end - start) * PAGE_SIZE)
+        try:
+            for a, b in self._windows(start, end):
+                plain = self._plain[:(b - a) * PAGE_SIZE]
+                zero = all(self._fill_run(run_start, run_end, keyid, plain, a)
+                           for run_start, run_end, keyid in self._runs(a, b))
+                self._record_digests(a, b, plain, zero)
+                self.stats.pages_filled += b - a
+                self.activity.advance((b - a) * PAGE_SIZE)
+        finally:
+            self.activity.end()
+        self._view_is_zero = False
+
+    def _fill_run(self, start: int, end: int, keyid: int, plain: memoryview, window: int) -> bool:
+        """Fill one run; its plaintext lands in ``plain`` (the window's). True if all zero."""
+        offset, length = start * PAGE_SIZE, (end - start) * PAGE_SIZE
+        target = plain[(start - window) * PAGE_SIZE:(end - window) * PAGE_SIZE]
+        key = None if self.keys.is_lost(keyid) else self.keys.cipher(keyid)
+        if key is None:  # no encryption, or lost: the CPU sees the cells as they are
+            return self._copy_run(offset, length, target)
+        staged = memoryview(self._scratch)[:length]
+        pread_exact(self.media.fd, staged, offset, "media")
+        self.pool.decrypt_into(key, staged, target, self._tweak_base(start))
+        self.stats.bytes_decrypted += length
+        pwrite_exact(self.view.fd, target, offset, "view")
+        return False
+
+    def _copy_run(self, offset: int, length: int, target: memoryview) -> bool:
+        """view = media as it is: data extents copied, holes zeroed (or skipped on a new view)."""
+        at = offset
+        extents = list(data_extents(self.media.fd, offset, length))
+        for data_start, data_end in [*extents, (offset + length, offset + length)]:
+            if data_start > at:  # a hole of the media: zeros
+                np.frombuffer(target, np.uint8)[at - offset:data_start - offset] = 0
+                if not self._view_is_zero:
+                    zero_range(self.view.fd, at, data_start - at)
+            if data_end > data_start:
+                piece = target[data_start - offset:data_end - offset]
+                pread_exact(self.media.fd, piece, data_start, "media")
+                pwrite_exact(self.view.fd, piece, data_start, "view")
+            at = data_end
+        return not extents
+
+    def _record_digests(self, a: int, b: int, plain: memoryview, zero: bool) -> None:
+        first, last = self.digests.whole_chunks(a, b)
+        if last <= first:
+            return
+        if zero:
+            self.digests.set_zero(first, last)
+            return
+        rel = (first * DIGEST_CHUNK_PAGES - a) * PAGE_SIZE
+        self.digests.set(first, self.digests.compute(
+            plain[rel:rel + (last - first) * DIGEST_CHUNK_PAGES * PAGE_SIZE]))
 
     # -- write-back ------------------------------------------------------------
 
     def write_back(self, start: int, end: int) -> int:
         """media = encrypt(view) for every page whose media differs; returns pages written.
 
-        Exact by construction: a page is skipped only when its media already
-        equals the write-back of its view.  Pages of a LOST KeyID are never written.
+        The view is read once through its descriptor.  A whole chunk whose
+        digest equals the one recorded when the media was last made equal to
+        it is skipped; every other page is encrypted and compared with the
+        media (exact), and only differing pages are written.  Digests are
+        recorded only once the pages they vouch for are durable.  Pages of a
+        LOST KeyID are never written.
         """
         dirty: list[tuple[int, memoryview]] = []
+        verified: list[Verified] = []
         written = 0
-        for run_start, run_end, keyid in self._runs(start, end):
-            if self.keys.is_lost(keyid):
-                continue
-            dirty.extend(self._dirty_pages(run_start, run_end, self.keys.cipher(keyid)))
-            if len(dirty) >= JOURNAL_BATCH_PAGES:
-                written += self._commit_pages(dirty)
-                dirty = []
-        return written + self._commit_pages(dirty)
+        self.activity.begin("write-back", (end - start) * PAGE_SIZE)
+        try:
+            for a, b in self._windows(start, end):
+                dirty.extend(self._write_back_window(a, b, verified))
+                if len(dirty) >= JOURNAL_BATCH_PAGES:
+                    written += self._commit_pages(dirty, verified)
+                    dirty = []
+                self.activity.advance((b - a) * PAGE_SIZE)
+            return written + self._commit_pages(dirty, verified)
+        finally:
+            self.activity.end()
 
-    def _dirty_pages(self, start: int, end: int, key: XtsKey | None) -> list[tuple[int, memoryview]]:
+    def _write_back_window(self, a: int, b: int,
+                           verified: list[Verified]) -> list[tuple[int, memoryview]]:
+        """The dirty pages of window [a, b); digests to record go to ``verified``."""
+        plain = self._plain[:(b - a) * PAGE_SIZE]
+        pread_exact(self.view.fd, plain, a * PAGE_SIZE, "view")
+        check = np.ones(b - a, bool)
+        first, last = self.digests.whole_chunks(a, b)
+        recordable = np.zeros(max(last - first, 0), bool)
+        if last > first:
+            rel = first * DIGEST_CHUNK_PAGES - a
+            now = self.digests.compute(plain[rel * PAGE_SIZE:(rel + (last - first)
+                                                              * DIGEST_CHUNK_PAGES) * PAGE_SIZE])
+            same = self.digests.unchanged(first, now)
+            check[rel:rel + (last - first) * DIGEST_CHUNK_PAGES] = ~np.repeat(same, DIGEST_CHUNK_PAGES)
+            recordable = ~same
+        dirty: list[tuple[int, memoryview]] = []
+        for run_start, run_end, keyid in self._runs(a, b):
+            if self.keys.is_lost(keyid):
+                check[run_start - a:run_end - a] = False
+                if last > first:  # a chunk with locked pages never vouches for anything
+                    lo = max(run_start // DIGEST_CHUNK_PAGES, first) - first
+                    hi = min(-(-run_end // DIGEST_CHUNK_PAGES), last) - first
+                    recordable[lo:max(lo, hi)] = False
+                continue
+            key = self.keys.cipher(keyid)
+            for s, e in _true_runs(check[run_start - a:run_end - a]):
+                dirty.extend(self._dirty_pages(run_start + s, run_start + e, key,
+                                               plain[(run_start + s - a) * PAGE_SIZE:
+                                                     (run_start + e - a) * PAGE_SIZE]))
+        if recordable.any():
+            verified.append((first, now.copy(), recordable))
+        return dirty
+
+    def _dirty_pages(self, start: int, end: int, key: XtsKey | None,
+                     source: memoryview) -> list[tuple[int, memoryview]]:
         offset, length = start * PAGE_SIZE, (end - start) * PAGE_SIZE
-        source = self.view.data[offset:offset + length]
         if key is not None:
             encrypted = memoryview(self._scratch)[:length]
             self.pool.encrypt_into(key, source, encrypted, self._tweak_base(start))
             self.stats.bytes_encrypted += length
             source = encrypted
         stored = memoryview(self._scratch2)[:length]
-        self.media.read_into(offset, stored)
+        pread_exact(self.media.fd, stored, offset, "media")
         new = np.frombuffer(source, np.uint64).reshape(-1, PAGE_SIZE // 8)
         old = np.frombuffer(stored, np.uint64).reshape(-1, PAGE_SIZE // 8)
         changed = np.flatnonzero((new != old).any(axis=1)).tolist()
         if not changed:
             return []
-        snapshot = memoryview(bytes(source))  # one copy per chunk: the scratch is reused
+        snapshot = memoryview(bytes(source))  # one copy per run: the scratch is reused
         return [(offset + i * PAGE_SIZE, snapshot[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in changed]
 
-    def _commit_pages(self, pages: list[tuple[int, memoryview]]) -> int:
+    def _commit_pages(self, pages: list[tuple[int, memoryview]],
+                      verified: list[Verified] | None = None) -> int:
+        """Write ``pages`` through the journal; then (durable) record ``verified`` digests."""
         if pages:
             self.media.write_pages(pages)
             self.stats.pages_written_back += len(pages)
+        for first, digests, which in verified or []:
+            self.digests.set(first, digests, which)
+        if verified:
+            verified.clear()
         return len(pages)
 
     # -- relocation --------------------------------------------------------------
 
     def copy_media(self, src: int, dst: int, count: int) -> None:
         """Raw relocation: the cells move as they are; dst keeps its KeyID."""
+        self.digests.invalidate(dst, dst + count)
         for done in range(0, count, CHUNK_PAGES):
             n = min(CHUNK_PAGES, count - done)
             buf = memoryview(bytearray(n * PAGE_SIZE))
@@ -144,6 +268,7 @@ class Transfer:
         old KeyID or the new one with the new KeyID, never a mix.  ``persist``
         saves the page table with the given fills pending, once per batch.
         """
+        self.digests.invalidate(dst, dst + count)
         for done in range(0, count, CHUNK_PAGES):
             n = min(CHUNK_PAGES, count - done)
             s0, d0 = src + done, dst + done
@@ -188,3 +313,9 @@ class Transfer:
         return PageInfo(offset, keyid, kind, locked, int(self.pages.tweak[page]),
                         view[:16], bytes(media[:16]), consistent)
 
+
+
+def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
