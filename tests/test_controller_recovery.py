@@ -29,7 +29,11 @@ def media(tmp_path: Path) -> bytes:
 
 
 def is_metadata_rename(call: Call) -> bool:
-    return call.name == "rename" and call.path is not None and call.path.name == "metadata"
+    """A save of the page state: the metadata file's replacement, or a state-log append."""
+    if call.path is None:
+        return False
+    return ((call.name == "rename" and call.path.name == "metadata")
+            or (call.name == "pwrite" and call.path.name == "metadata.log"))
 
 
 def test_crash_during_the_start_up_fill_of_a_new_view_loses_nothing(tmp_path: Path) -> None:

@@ -190,10 +190,12 @@ class MemoryController:
         log.warning("NVDIMM base moved from %#x to %#x%s", self.base, base,
                     " (spa tweaks: ciphertext will not decrypt at the new place)"
                     if self.config.tweak is TweakMode.SPA else "")
-        self._move.write_back(0, self.config.pages)
+        keyed = self._move.keyed_ranges(0, self.config.pages)  # the rest ignore tweaks
+        for start, end in keyed:
+            self._move.write_back(start, end)
         self.media.sync()
         self._move.base = base
-        self.refill([(0, self.config.pages)])
+        self.refill(keyed)
 
     def inspect(self, offset: int, count: int = 1) -> list[PageInfo]:
         """Per-page KeyID, kind, lock and whether media == write-back(view)."""

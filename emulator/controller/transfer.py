@@ -13,6 +13,7 @@ and are filled with the cells as they are.  Not thread-safe.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -34,6 +35,14 @@ from .view import View
 # A multiple of the digest chunk, so windows split no chunk but at a range's ends.
 CHUNK_PAGES = 1024
 assert CHUNK_PAGES % DIGEST_CHUNK_PAGES == 0
+
+
+class Filled(enum.Enum):
+    """How a run of the view was filled."""
+
+    ZERO = "zero"  # holes of the media, no encryption: zeros
+    COPIED = "copied"  # the cells as they are
+    DECRYPTED = "decrypted"
 
 
 # Digests of whole chunks from a first chunk, and which of them to record.
@@ -85,6 +94,19 @@ class Transfer:
         """(start, end, keyid) runs of pages sharing a KeyID and a contiguous tweak."""
         return self.pages.runs(start, end, self.config.tweak is TweakMode.LOGICAL, CHUNK_PAGES)
 
+    def keyed_ranges(self, start: int, end: int) -> list[Range]:
+        """The runs of pages whose KeyID encrypts (not lost, not bypass or no-encrypt):
+        the only ones whose view depends on the tweak."""
+        out: list[Range] = []
+        for run_start, run_end, keyid in self._runs(start, end):
+            if self.keys.is_lost(keyid) or self.keys.cipher(keyid) is None:
+                continue
+            if out and out[-1][1] == run_start:
+                out[-1] = (out[-1][0], run_end)
+            else:
+                out.append((run_start, run_end))
+        return out
+
     @staticmethod
     def _windows(start: int, end: int) -> Iterator[tuple[int, int]]:
         """[start, end) cut at multiples of CHUNK_PAGES (so windows align with digest chunks)."""
@@ -106,30 +128,43 @@ class Transfer:
         try:
             for a, b in self._windows(start, end):
                 plain = self._plain[:(b - a) * PAGE_SIZE]
-                zero = all(self._fill_run(run_start, run_end, keyid, plain, a)
-                           for run_start, run_end, keyid in self._runs(a, b))
-                self._record_digests(a, b, plain, zero)
+                kinds = [self._fill_run(run_start, run_end, keyid, plain, a)
+                         for run_start, run_end, keyid in self._runs(a, b)]
+                self._record_digests(a, b, plain, kinds)
                 self.stats.pages_filled += b - a
                 self.activity.advance((b - a) * PAGE_SIZE)
         finally:
             self.activity.end()
         self._view_is_zero = False
 
-    def _fill_run(self, start: int, end: int, keyid: int, plain: memoryview, window: int) -> bool:
-        """Fill one run; its plaintext lands in ``plain`` (the window's). True if all zero."""
+    def _fill_run(self, start: int, end: int, keyid: int, plain: memoryview, window: int) -> Filled:
+        """Fill one run; its plaintext lands in ``plain`` (the window's)."""
         offset, length = start * PAGE_SIZE, (end - start) * PAGE_SIZE
         target = plain[(start - window) * PAGE_SIZE:(end - window) * PAGE_SIZE]
         key = None if self.keys.is_lost(keyid) else self.keys.cipher(keyid)
         if key is None:  # no encryption, or lost: the CPU sees the cells as they are
             return self._copy_run(offset, length, target)
         staged = memoryview(self._scratch)[:length]
-        pread_exact(self.media.fd, staged, offset, "media")
+        self._read_media(offset, staged)
         self.pool.decrypt_into(key, staged, target, self._tweak_base(start))
         self.stats.bytes_decrypted += length
         pwrite_exact(self.view.fd, target, offset, "view")
-        return False
+        return Filled.DECRYPTED
 
-    def _copy_run(self, offset: int, length: int, target: memoryview) -> bool:
+    def _read_media(self, offset: int, buffer: memoryview) -> None:
+        """pread the media's data extents; zeros for its holes (reading a hole of
+        ext4 costs a page-cache page each, zeroing a buffer costs nothing)."""
+        at = offset
+        for data_start, data_end in [*data_extents(self.media.fd, offset, len(buffer)),
+                                     (offset + len(buffer), offset + len(buffer))]:
+            if data_start > at:
+                np.frombuffer(buffer, np.uint8)[at - offset:data_start - offset] = 0
+            if data_end > data_start:
+                pread_exact(self.media.fd, buffer[data_start - offset:data_end - offset],
+                            data_start, "media")
+            at = data_end
+
+    def _copy_run(self, offset: int, length: int, target: memoryview) -> Filled:
         """view = media as it is: data extents copied, holes zeroed (or skipped on a new view)."""
         at = offset
         extents = list(data_extents(self.media.fd, offset, length))
@@ -143,18 +178,24 @@ class Transfer:
                 pread_exact(self.media.fd, piece, data_start, "media")
                 pwrite_exact(self.view.fd, piece, data_start, "view")
             at = data_end
-        return not extents
+        return Filled.COPIED if extents else Filled.ZERO
 
-    def _record_digests(self, a: int, b: int, plain: memoryview, zero: bool) -> None:
+    def _record_digests(self, a: int, b: int, plain: memoryview, kinds: list[Filled]) -> None:
+        """Digests of the whole chunks of a filled window.
+
+        Only when some run was decrypted: a copied window's first write-back
+        compares view and media directly (no encryption), about as cheap as
+        digesting it here would have been, so the fill stays a plain copy.
+        """
         first, last = self.digests.whole_chunks(a, b)
         if last <= first:
             return
-        if zero:
+        if all(kind is Filled.ZERO for kind in kinds):
             self.digests.set_zero(first, last)
-            return
-        rel = (first * DIGEST_CHUNK_PAGES - a) * PAGE_SIZE
-        self.digests.set(first, self.digests.compute(
-            plain[rel:rel + (last - first) * DIGEST_CHUNK_PAGES * PAGE_SIZE]))
+        elif Filled.DECRYPTED in kinds:
+            rel = (first * DIGEST_CHUNK_PAGES - a) * PAGE_SIZE
+            self.digests.set(first, self.digests.compute(
+                plain[rel:rel + (last - first) * DIGEST_CHUNK_PAGES * PAGE_SIZE]))
 
     # -- write-back ------------------------------------------------------------
 
