@@ -13,14 +13,17 @@ and are filled with the cells as they are.  Not thread-safe.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from ..crypto import XtsKey, XtsPool
 from ..keytable import KeyTable
 from .config import PAGE_SIZE, ControllerConfig, TweakMode
+from .digest import CHUNK_BYTES as DIGEST_CHUNK_BYTES
 from .digest import CHUNK_PAGES as DIGEST_CHUNK_PAGES
 from .digest import ChunkDigests
 from .fastio import data_extents, pread_exact, pwrite_exact, zero_range
@@ -43,6 +46,51 @@ class Filled(enum.Enum):
     ZERO = "zero"  # holes of the media, no encryption: zeros
     COPIED = "copied"  # the cells as they are
     DECRYPTED = "decrypted"
+
+
+class _Pipeline:
+    """Journal and media writes on a thread of their own, one batch at a time.
+
+    The write-back loop reads, digests and encrypts the next batch while the
+    previous one is written and fdatasync'd (the syscalls release the GIL).
+    Batches are committed in order, never two at once (the journal has one
+    record); :meth:`submit` waits for the previous batch and re-raises its
+    error.  Leaving the ``with`` block waits for the batch in flight, so no
+    write is ever left running behind a caller's back.
+    """
+
+    def __init__(self, commit: Callable[[list[tuple[int, memoryview]], list[Verified]], int]) -> None:
+        self._commit = commit
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: Future[int] | None = None
+        self._written = 0
+
+    def submit(self, pages: list[tuple[int, memoryview]], verified: list[Verified]) -> None:
+        self.wait()
+        if self._executor is None and not pages:  # nothing to write: no thread needed
+            self._written += self._commit(pages, verified)
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="write-back")
+        self._inflight = self._executor.submit(self._commit, pages, verified)
+
+    def wait(self) -> int:
+        """Wait for the batch in flight; the pages written so far."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            self._written += inflight.result()
+        return self._written
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._inflight is not None:
+                concurrent.futures.wait([self._inflight])
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
 
 
 # Digests of whole chunks from a first chunk, and which of them to record.
@@ -70,6 +118,7 @@ class Transfer:
         self.stats = stats
         self.base = base
         self.digests = ChunkDigests(pages.pages)
+        self._media_hole = self._scan_media_holes()
         self.activity = Activity()
         # A view this backend just created reads as zeros: holes need no fill.
         self._view_is_zero = not view.reattached
@@ -152,22 +201,40 @@ class Transfer:
         return Filled.DECRYPTED
 
     def _read_media(self, offset: int, buffer: memoryview) -> None:
-        """pread the media's data extents; zeros for its holes (reading a hole of
-        ext4 costs a page-cache page each, zeroing a buffer costs nothing)."""
-        at = offset
-        for data_start, data_end in [*data_extents(self.media.fd, offset, len(buffer)),
-                                     (offset + len(buffer), offset + len(buffer))]:
-            if data_start > at:
-                np.frombuffer(buffer, np.uint8)[at - offset:data_start - offset] = 0
-            if data_end > data_start:
-                pread_exact(self.media.fd, buffer[data_start - offset:data_end - offset],
-                            data_start, "media")
-            at = data_end
+        """pread the media, but zeros for the chunks known to be holes (reading a
+        hole of ext4 costs a zeroed page-cache page each; zeroing a buffer, nothing)."""
+        holes = self._hole_pages(offset // PAGE_SIZE, (offset + len(buffer)) // PAGE_SIZE)
+        for s, e in _true_runs(holes):
+            np.frombuffer(buffer, np.uint8)[s * PAGE_SIZE:e * PAGE_SIZE] = 0
+        for s, e in _true_runs(~holes):
+            pread_exact(self.media.fd, buffer[s * PAGE_SIZE:e * PAGE_SIZE],
+                        offset + s * PAGE_SIZE, "media")
+
+    def _hole_pages(self, start: int, end: int) -> np.ndarray:
+        """Per page of [start, end): inside a chunk known to be a hole of the media?"""
+        first = start // DIGEST_CHUNK_PAGES
+        chunks = self._media_hole[first:-(-end // DIGEST_CHUNK_PAGES)]
+        return np.repeat(chunks, DIGEST_CHUNK_PAGES)[start - first * DIGEST_CHUNK_PAGES:
+                                                     end - first * DIGEST_CHUNK_PAGES]
+
+    def _scan_media_holes(self) -> np.ndarray:
+        """Per digest chunk: is it a hole of the media (reads as zeros)?  One
+        SEEK_DATA/SEEK_HOLE pass at start; every media write clears its chunks."""
+        holes = np.ones(len(self.digests.valid), bool)
+        for data_start, data_end in data_extents(self.media.fd, 0, self.media.size):
+            holes[data_start // DIGEST_CHUNK_BYTES:-(-data_end // DIGEST_CHUNK_BYTES)] = False
+        return holes
+
+    def _media_written(self, pages: Sequence[tuple[int, memoryview]]) -> None:
+        """The media chunks of ``pages`` hold data from now on (not holes)."""
+        if pages:
+            self._media_hole[np.asarray([offset for offset, _ in pages]) // DIGEST_CHUNK_BYTES] = False
 
     def _copy_run(self, offset: int, length: int, target: memoryview) -> Filled:
         """view = media as it is: data extents copied, holes zeroed (or skipped on a new view)."""
         at = offset
-        extents = list(data_extents(self.media.fd, offset, length))
+        holes = self._hole_pages(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
+        extents = [(offset + s * PAGE_SIZE, offset + e * PAGE_SIZE) for s, e in _true_runs(~holes)]
         for data_start, data_end in [*extents, (offset + length, offset + length)]:
             if data_start > at:  # a hole of the media: zeros
                 np.frombuffer(target, np.uint8)[at - offset:data_start - offset] = 0
@@ -211,18 +278,19 @@ class Transfer:
         """
         dirty: list[tuple[int, memoryview]] = []
         verified: list[Verified] = []
-        written = 0
         self.activity.begin("write-back", (end - start) * PAGE_SIZE)
-        try:
-            for a, b in self._windows(start, end):
-                dirty.extend(self._write_back_window(a, b, verified))
-                if len(dirty) >= JOURNAL_BATCH_PAGES:
-                    written += self._commit_pages(dirty, verified)
-                    dirty = []
-                self.activity.advance((b - a) * PAGE_SIZE)
-            return written + self._commit_pages(dirty, verified)
-        finally:
-            self.activity.end()
+        with _Pipeline(self._commit_pages) as commits:
+            try:
+                for a, b in self._windows(start, end):
+                    dirty.extend(self._write_back_window(a, b, verified))
+                    if len(dirty) >= JOURNAL_BATCH_PAGES:
+                        commits.submit(dirty, verified)
+                        dirty, verified = [], []
+                    self.activity.advance((b - a) * PAGE_SIZE)
+                commits.submit(dirty, verified)
+                return commits.wait()
+            finally:
+                self.activity.end()
 
     def _write_back_window(self, a: int, b: int,
                            verified: list[Verified]) -> list[tuple[int, memoryview]]:
@@ -266,7 +334,7 @@ class Transfer:
             self.stats.bytes_encrypted += length
             source = encrypted
         stored = memoryview(self._scratch2)[:length]
-        pread_exact(self.media.fd, stored, offset, "media")
+        self._read_media(offset, stored)
         new = np.frombuffer(source, np.uint64).reshape(-1, PAGE_SIZE // 8)
         old = np.frombuffer(stored, np.uint64).reshape(-1, PAGE_SIZE // 8)
         changed = np.flatnonzero((new != old).any(axis=1)).tolist()
@@ -279,12 +347,11 @@ class Transfer:
                       verified: list[Verified] | None = None) -> int:
         """Write ``pages`` through the journal; then (durable) record ``verified`` digests."""
         if pages:
+            self._media_written(pages)
             self.media.write_pages(pages)
             self.stats.pages_written_back += len(pages)
         for first, digests, which in verified or []:
             self.digests.set(first, digests, which)
-        if verified:
-            verified.clear()
         return len(pages)
 
     # -- relocation --------------------------------------------------------------
@@ -330,6 +397,7 @@ class Transfer:
                 self.pages.copy_state(s0 + first, d0 + first, end - first)
                 persist([(dst, dst + count)])
 
+            self._media_written(pages)
             self.media.write_pages(pages, states, applied)
             self.stats.pages_written_back += n
 
