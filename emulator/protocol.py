@@ -358,11 +358,13 @@ class Client:
     def power_cycle(self) -> None:
         self.call(Request.POWER_CYCLE)
 
-    def stats(self) -> dict[str, float | int]:
+    def stats(self) -> dict[str, float | int | str]:
+        """The counters, and ``busy``: the request running and its progress ("" when idle)."""
         body, _ = self.call(Request.STATS)
         values = STATS_REPLY.unpack_from(body)
-        result: dict[str, float | int] = dict(zip(STATS_FIELDS, values[:8], strict=True))
+        result: dict[str, float | int | str] = dict(zip(STATS_FIELDS, values[:8], strict=True))
         result["flush_seconds_total"], result["flush_seconds_max"] = values[8], values[9]
+        result["busy"] = body[STATS_REPLY.size:].decode(errors="replace")  # text after the counters
         return result
 
     def view_fd(self) -> tuple[int, int]:

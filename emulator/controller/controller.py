@@ -79,6 +79,11 @@ class MemoryController:
         return self._move.base
 
     @property
+    def busy(self) -> str:
+        """The transfer phase in progress and how far it got ("" when idle); any thread."""
+        return self._move.activity.busy
+
+    @property
     def page_keyid(self) -> np.ndarray:
         return self.pages.keyid
 

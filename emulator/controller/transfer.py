@@ -34,7 +34,7 @@ from .progress import Activity
 from .results import PageInfo, Stats
 from .view import View
 
-# Pages handled per round (a window): bounds the scratch buffers (3 x 4 MiB).
+# Pages handled per round (a window): bounds the scratch buffers (4 x 4 MiB).
 # A multiple of the digest chunk, so windows split no chunk but at a range's ends.
 CHUNK_PAGES = 1024
 assert CHUNK_PAGES % DIGEST_CHUNK_PAGES == 0
@@ -123,6 +123,7 @@ class Transfer:
         # A view this backend just created reads as zeros: holes need no fill.
         self._view_is_zero = not view.reattached
         self._plain = memoryview(bytearray(CHUNK_PAGES * PAGE_SIZE))
+        self._plain_next = memoryview(bytearray(CHUNK_PAGES * PAGE_SIZE))
         self._scratch = bytearray(CHUNK_PAGES * PAGE_SIZE)
         self._scratch2 = bytearray(CHUNK_PAGES * PAGE_SIZE)
 
@@ -281,8 +282,8 @@ class Transfer:
         self.activity.begin("write-back", (end - start) * PAGE_SIZE)
         with _Pipeline(self._commit_pages) as commits:
             try:
-                for a, b in self._windows(start, end):
-                    dirty.extend(self._write_back_window(a, b, verified))
+                for a, b, plain in self._read_ahead(list(self._windows(start, end))):
+                    dirty.extend(self._write_back_window(a, b, plain, verified))
                     if len(dirty) >= JOURNAL_BATCH_PAGES:
                         commits.submit(dirty, verified)
                         dirty, verified = [], []
@@ -292,11 +293,32 @@ class Transfer:
             finally:
                 self.activity.end()
 
-    def _write_back_window(self, a: int, b: int,
+    def _read_ahead(self, windows: list[Range]) -> Iterator[tuple[int, int, memoryview]]:
+        """(a, b, the view's bytes of window [a, b)), the next window read on a thread
+        meanwhile (preadv releases the GIL: the copy overlaps digests and encryption)."""
+        buffers = (self._plain, self._plain_next)
+
+        def read(i: int) -> memoryview:
+            a, b = windows[i]
+            buffer = buffers[i % 2][:(b - a) * PAGE_SIZE]
+            pread_exact(self.view.fd, buffer, a * PAGE_SIZE, "view")
+            return buffer
+
+        if len(windows) == 1:
+            yield windows[0][0], windows[0][1], read(0)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+            pending = reader.submit(read, 0)
+            for i, (a, b) in enumerate(windows):
+                plain = pending.result()
+                if i + 1 < len(windows):  # buffer (i+1)%2 was released by window i-1
+                    pending = reader.submit(read, i + 1)
+                yield a, b, plain
+
+    def _write_back_window(self, a: int, b: int, plain: memoryview,
                            verified: list[Verified]) -> list[tuple[int, memoryview]]:
-        """The dirty pages of window [a, b); digests to record go to ``verified``."""
-        plain = self._plain[:(b - a) * PAGE_SIZE]
-        pread_exact(self.view.fd, plain, a * PAGE_SIZE, "view")
+        """The dirty pages of window [a, b) (``plain``: the view's bytes there);
+        digests to record go to ``verified``."""
         check = np.ones(b - a, bool)
         first, last = self.digests.whole_chunks(a, b)
         recordable = np.zeros(max(last - first, 0), bool)
