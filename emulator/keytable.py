@@ -250,10 +250,6 @@ class KeyTable:
         if self._platform_key is not None:
             self._platform_key.wipe()
 
-    def restore_no_encrypt(self, keyid: int) -> None:
-        """Re-establish a NO_ENCRYPT KeyID after a backend restart (it has no key to lose)."""
-        self._slots[self._check(keyid)] = _Slot(SlotKind.NO_ENCRYPT, None)
-
     def _check(self, keyid: int) -> int:
         if not 0 <= keyid < self.keyid_count:
             raise KeyProgramError(f"KeyID {keyid} out of range 0..{self.keyid_count - 1}")
@@ -284,7 +280,11 @@ def _load_or_create_retained_key(path: Path, random: RandomSource) -> XtsKey:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return XtsKey(_create_retained_key(path, random))
+        fresh = _create_retained_key(path, random)
+        try:
+            return XtsKey(fresh)
+        finally:
+            fresh[:] = bytes(len(fresh))  # the XtsKey holds its own copy
     if len(raw) != 32 or raw[:16] == raw[16:]:
         raise ConfigError(f"{path}: damaged TME platform key file ({len(raw)} bytes); "
                           "move it away to start with a new key (retained data is then lost)")

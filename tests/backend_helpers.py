@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -138,15 +138,19 @@ class Backend:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = START_TIMEOUT, **overrides: object) -> Backend:
-        """Start ``serve`` (the same state dir as before) and wait until it answers."""
+    def start(self, timeout: float = START_TIMEOUT, preexec: Callable[[], None] | None = None,
+              **overrides: object) -> Backend:
+        """Start ``serve`` (the same state dir as before) and wait until it answers.
+
+        ``preexec`` runs in the child before exec (say, to set a resource limit).
+        """
         assert not self.running, "backend already running"
         self.options.update(overrides)
         log = self.root / f"backend-{len(self.logs)}.log"
         self.logs.append(log)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, preexec_fn=preexec)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -168,8 +172,9 @@ class Backend:
                 client.close()
         self._clients.clear()
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM (or SIGINT) and wait; asserts the clean exit status 0."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT,
+             expect: int | None = 0) -> int:
+        """SIGTERM (or SIGINT) and wait; asserts the exit status ``expect`` (None: any)."""
         assert self.proc is not None and self.running, "backend not running"
         self._close_clients()
         self.proc.send_signal(sig)
@@ -180,7 +185,8 @@ class Backend:
             self.proc.wait()
             raise AssertionError(f"serve did not exit within {timeout} s of signal {sig}") from None
         self.exit_codes.append(code)
-        assert code == 0, f"serve exited {code} after signal {sig}:\n{self.log_text()}"
+        assert expect is None or code == expect, \
+            f"serve exited {code} after signal {sig}:\n{self.log_text()}"
         return code
 
     def kill(self) -> None:

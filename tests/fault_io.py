@@ -47,10 +47,14 @@ Rule = Callable[[Call], str | None]
 
 
 class FaultyIO(FileIO):
-    """The real OS, with a fault where ``rule`` says.  ``calls`` logs every durable call."""
+    """The real OS, with a fault where ``rule`` says.  ``calls`` logs every durable call.
 
-    def __init__(self, rule: Rule | None = None) -> None:
+    ``sync`` False skips the real fsyncs (tests that never lose power, only faster).
+    """
+
+    def __init__(self, rule: Rule | None = None, sync: bool = True) -> None:
         self.rule = rule
+        self.sync = sync
         self.calls: list[Call] = []
         self.dead = False
         self.fired: Call | None = None
@@ -127,7 +131,8 @@ class FaultyIO(FileIO):
         self._leave(action)
 
     def _synced(self, fd: int) -> None:
-        os.fsync(fd)
+        if self.sync:
+            os.fsync(fd)
 
     def ftruncate(self, fd: int, size: int) -> None:
         action = self._enter("ftruncate", self.path_of(fd), size=size)
@@ -166,8 +171,22 @@ class _Pending:
     existed: bool = True  # did the rename's target exist before
 
 
+class NoSyncIO(FileIO):
+    """The real OS without fsync/fdatasync: for tests that simulate durability themselves
+    (real syncs would only make them slow)."""
+
+    def fdatasync(self, fd: int) -> None:
+        pass
+
+    def fsync(self, fd: int) -> None:
+        pass
+
+
 class PowerLossIO(FaultyIO):
-    """FaultyIO that can rewind the files to a state a power loss at the death could leave."""
+    """FaultyIO that can rewind the files to a state a power loss at the death could leave.
+
+    It never really syncs: durability is what it tracks itself.
+    """
 
     def __init__(self, rule: Rule | None = None) -> None:
         super().__init__(rule)
@@ -177,12 +196,13 @@ class PowerLossIO(FaultyIO):
         path = self.path_of(fd)
         assert path is not None
         size = os.fstat(fd).st_size
-        old = os.pread(fd, len(data), offset)
+        with open(path, "rb") as f:  # fd may be write-only
+            f.seek(offset)
+            old = f.read(len(data))
         self.pending.append(_Pending("write", path, offset, old, data, size))
         return super()._do_write(fd, data, offset)
 
     def _synced(self, fd: int) -> None:
-        super()._synced(fd)
         path = self.path_of(fd)
         if path is not None and path.is_dir():  # the directory's renames are durable now
             self.pending = [p for p in self.pending if not (p.kind == "rename" and p.path.parent == path)]

@@ -388,6 +388,34 @@ def test_raw_relocation_garbles_under_spa_and_dpa_and_survives_under_logical(bac
         assert all(b.read(dst + i, PAGE) != plain[i:i + PAGE] for i in range(0, n, PAGE))
 
 
+@pytest.mark.parametrize("tweak", ["dpa", "logical"])
+def test_raw_relocation_between_keyids_leaves_each_page_its_own_keyid(backends, tweak):
+    """SPEC 3: a raw move copies cells; dst keeps its KeyID (a mutation carrying the
+    source's KeyID along survived the suite until this test)."""
+    b = backends(tweak=tweak)
+    c = b.client()
+    key_src, key_dst = keys(), keys()
+    program_user(c, 1, *key_src)
+    program_user(c, 2, *key_dst)
+    src, dst, n = 8 * PAGE, 300 * PAGE, 2 * PAGE
+    t_src, t_dst = (0x77_0000_0000, 0x99_0000_0000) if tweak == "logical" else (None, None)
+    c.map(src, n, 1, t_src)
+    c.map(dst, n, 2, t_dst)
+    b.write(src, os.urandom(n))
+    c.relocate(src, dst, n, "raw")
+    records = c.inspect(dst, 2)
+    assert [(r.keyid, r.kind) for r in records] == [(2, "user")] * 2
+    if t_dst is not None:
+        assert [r.logical_tweak for r in records] == [t_dst, t_dst + 1]
+    assert all(r.consistent for r in records)  # dst was filled under its own KeyID 2
+    assert [r.keyid for r in c.inspect(src, 2)] == [1] * 2
+    assert b.media(dst, n) == b.media(src, n)
+    # What the guest sees at dst is the source's cells decrypted with key 2, not key 1.
+    unit_tweak = (t_dst * PAGE) if t_dst is not None else dst
+    assert b.read(dst, n) == xts_fast(key_dst[0] + key_dst[1], b.media(dst, n), unit_tweak, 64,
+                                      decrypt=True)
+
+
 @pytest.mark.parametrize("tweak", ["spa", "dpa", "logical"])
 def test_keyed_relocation_keeps_data_and_carries_keyid_and_tweak(backends, tweak):
     b = backends(tweak=tweak)

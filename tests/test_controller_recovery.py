@@ -8,11 +8,14 @@ there would.
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
 from fault_io import Call, Died, FaultyIO
 from mktme_emu.controller import ControllerConfig, MemoryController, open_controller
+from mktme_emu.errors import StateError
 from mktme_emu.protocol import KeyCommand, key_program
 
 SIZE = 4 << 20
@@ -61,12 +64,22 @@ def test_crash_during_the_start_up_fill_of_a_new_view_loses_nothing(tmp_path: Pa
 
 
 def test_a_failed_start_releases_everything_and_can_be_retried(tmp_path: Path) -> None:
+    """Old code: a constructor that raised leaked its descriptors, mapping and threads."""
     open_controller(config(tmp_path)).close()
+    (tmp_path / "view").unlink()  # so the start has a fill to do, with the pool's threads
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
     for action in ("eio", "enospc", "die"):
-        io = FaultyIO(lambda call, action=action: action if is_metadata_rename(call) else None)
-        with pytest.raises((Died, Exception)):
-            open_controller(config(tmp_path), io=io)
-    again = open_controller(config(tmp_path))  # no lock, descriptor or mapping was leaked
+        for nth in (1, 2):  # the first metadata write, or the one after the fill
+            def rule(call: Call, action: str = action, nth: int = nth,
+                     seen: list[Call] = []) -> str | None:  # noqa: B006 - one list per rule
+                seen.extend([call] if is_metadata_rename(call) else [])
+                return action if is_metadata_rename(call) and len(seen) == nth else None
+
+            with pytest.raises((Died, StateError)):
+                open_controller(config(tmp_path), io=FaultyIO(rule))
+            assert len(os.listdir("/proc/self/fd")) == fds, (action, nth)
+            assert threading.active_count() == threads, (action, nth)
+    again = open_controller(config(tmp_path))  # no lock was left behind
     again.close()
 
 

@@ -21,6 +21,7 @@ from mktme_emu.errors import ConfigError, KeyProgramError
 from mktme_emu.keytable import (
     Algorithm,
     KeyCommand,
+    KeyLostError,
     KeyProgram,
     KeyStatus,
     KeyTable,
@@ -302,6 +303,49 @@ def test_keyid_bits_bounds(bits: int) -> None:
 
 def test_default_keyid_bits_is_6() -> None:
     assert KeyTable().keyid_count == 64
+
+
+# -- LOST keyslots (a key that died in a backend restart) ------------------------------------
+
+
+@pytest.mark.parametrize("tme", [TmePolicy.BYPASS, TmePolicy.EPHEMERAL])
+def test_restore_marks_used_keyids_with_lost_keys(tme: TmePolicy) -> None:
+    table = KeyTable(tme=tme)
+    kinds = [SlotKind.TME] * 64
+    kinds[1], kinds[2], kinds[3], kinds[4] = (SlotKind.USER, SlotKind.RANDOM, SlotKind.NO_ENCRYPT,
+                                              SlotKind.USER)
+    lost = table.restore(kinds, in_use={0, 1, 2, 3, 7})  # KeyID 4 had a key, but no page uses it
+    expected = [1, 2] if tme is TmePolicy.BYPASS else [0, 1, 2, 7]  # ephemeral: TME data is lost
+    assert lost == expected == table.lost_keyids()
+    assert [table.kind(k) for k in range(5)] == [SlotKind.TME, SlotKind.USER, SlotKind.RANDOM,
+                                                SlotKind.NO_ENCRYPT, SlotKind.TME]
+    assert table.slot_kinds()[:5] == [SlotKind.TME, SlotKind.USER, SlotKind.RANDOM,
+                                     SlotKind.NO_ENCRYPT, SlotKind.TME]
+    for keyid in expected:
+        assert table.is_lost(keyid)
+        with pytest.raises(KeyLostError):
+            table.cipher(keyid)  # never "no key, so plaintext"
+    assert table.cipher(3) is None and not table.is_lost(3)
+
+
+def test_programming_or_a_power_cycle_ends_the_lost_state() -> None:
+    table = KeyTable()
+    kinds = [SlotKind.TME] * 64
+    kinds[1] = kinds[2] = SlotKind.USER
+    table.restore(kinds, in_use={1, 2})
+    assert table.program(make_struct(1, SET_KEY_DIRECT | CTRL_XTS_128, KEY_A, TWEAK_A)) \
+        is KeyStatus.PROG_SUCCESS
+    assert table.lost_keyids() == [2] and table.cipher(1) is not None
+    table.power_cycle()
+    assert table.lost_keyids() == [] and table.cipher(2) is None
+
+
+def test_wipe_zeroes_every_key_the_table_holds(tmp_path: Path) -> None:
+    table = KeyTable(tme=TmePolicy.RETAINED, state_dir=tmp_path)
+    table.program(make_struct(1, SET_KEY_DIRECT | CTRL_XTS_128, KEY_A, TWEAK_A))
+    keys = [table.cipher(0), table.cipher(1)]
+    table.wipe()
+    assert all(k is not None and k.wiped for k in keys)
 
 
 # -- TME policies -------------------------------------------------------------------------

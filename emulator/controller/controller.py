@@ -175,15 +175,22 @@ class MemoryController:
         self.refill([(d0, d1)])
 
     def power_cycle(self) -> None:
-        """Write back everything, forget keys, every page back to KeyID 0, refill."""
+        """Write back everything, forget keys, every page back to KeyID 0, refill.
+
+        The reset page table is persisted (fill pending) before any key is
+        forgotten: if that fails, nothing changed and the keys still work.
+        """
         self.view.check()
         self._move.write_back(0, self.config.pages)
         self._save_label()
         self.media.sync()
+        everything = [(0, self.config.pages)]
+        with self.pages.undo_on_error():
+            self.pages.reset()
+            self._persist(pending=everything, kinds=[SlotKind.TME] * self.keys.keyid_count)
         self.keys.power_cycle()
-        self.pages.reset()
         self.stats.power_cycles += 1
-        self.refill([(0, self.config.pages)])
+        self.finish_fill(everything)
 
     def set_base(self, base: int) -> None:
         """The NVDIMM's guest physical base (from QMP); a move is logged and refills."""
@@ -199,8 +206,13 @@ class MemoryController:
         for start, end in keyed:
             self._move.write_back(start, end)
         self.media.sync()
-        self._move.base = base
-        self.refill(keyed)
+        old, self._move.base = self.base, base
+        try:
+            self._persist(pending=keyed)
+        except BaseException:
+            self._move.base = old  # memory stays as the disk has it
+            raise
+        self.finish_fill(keyed)
 
     def inspect(self, offset: int, count: int = 1) -> list[PageInfo]:
         """Per-page KeyID, kind, lock and whether media == write-back(view)."""

@@ -149,8 +149,9 @@ def _os_error_line(config: ControllerConfig, exc: OSError) -> str:
     """One line for a failed start: what failed, where, and the likely fix."""
     where = f" ({exc.filename})" if exc.filename else ""
     hint = ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = ": the disk is full; free space there and start again (nothing was lost)"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = (": the disk is full (or a file size limit was hit); free space there and "
+                "start again (the state directory was left as it was)")
     return (f"cannot open the device in {config.state_dir}{where}: "
             f"{exc.strerror or exc}{hint}")
 
