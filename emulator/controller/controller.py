@@ -236,6 +236,7 @@ class MemoryController:
             return
         try:
             self.flush()
+            self.pages.checkpoint_next()  # a cleanly closed device keeps no state log
             self._persist()
         finally:
             self.abandon()

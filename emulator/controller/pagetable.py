@@ -142,6 +142,10 @@ class PageTable:
 
     # -- persistence ---------------------------------------------------------
 
+    def checkpoint_next(self) -> None:
+        """The next :meth:`save` replaces the metadata file (and empties the state log)."""
+        self._log.force_checkpoint()
+
     def save(self, config: dict[str, object], kinds: Sequence[int],
              pending: Sequence[Range] = ()) -> None:
         """Persist both arrays, the per-KeyID ``kinds`` and the fills in progress.

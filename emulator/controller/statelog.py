@@ -121,6 +121,9 @@ class StateLog:
         self._must_checkpoint = True  # never append after a tail we did not write
         self._last: tuple[str, list[int], list[Range]] | None = None
 
+    def force_checkpoint(self) -> None:
+        self._must_checkpoint = True
+
     def wants_checkpoint(self, changed_pages: int, record_size: int) -> bool:
         return (self._must_checkpoint or changed_pages > APPEND_MAX_PAGES
                 or self._end + record_size > LOG_BUDGET)
