@@ -237,10 +237,8 @@ class Transfer:
         holes = self._hole_pages(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
         extents = [(offset + s * PAGE_SIZE, offset + e * PAGE_SIZE) for s, e in _true_runs(~holes)]
         for data_start, data_end in [*extents, (offset + length, offset + length)]:
-            if data_start > at:  # a hole of the media: zeros
-                np.frombuffer(target, np.uint8)[at - offset:data_start - offset] = 0
-                if not self._view_is_zero:
-                    zero_range(self.view.fd, at, data_start - at)
+            if data_start > at and not self._view_is_zero:  # a hole of the media: zeros
+                zero_range(self.view.fd, at, data_start - at)
             if data_end > data_start:
                 piece = target[data_start - offset:data_end - offset]
                 pread_exact(self.media.fd, piece, data_start, "media")
@@ -251,7 +249,8 @@ class Transfer:
     def _record_digests(self, a: int, b: int, plain: memoryview, kinds: list[Filled]) -> None:
         """Digests of the whole chunks of a filled window.
 
-        Only when some run was decrypted: a copied window's first write-back
+        Only when every run was decrypted (``plain`` then holds the whole
+        window; copies leave it partly unwritten): a copied window's first write-back
         compares view and media directly (no encryption), about as cheap as
         digesting it here would have been, so the fill stays a plain copy.
         """
@@ -260,7 +259,7 @@ class Transfer:
             return
         if all(kind is Filled.ZERO for kind in kinds):
             self.digests.set_zero(first, last)
-        elif Filled.DECRYPTED in kinds:
+        elif all(kind is Filled.DECRYPTED for kind in kinds):  # ``plain`` holds all of it
             rel = (first * DIGEST_CHUNK_PAGES - a) * PAGE_SIZE
             self.digests.set(first, self.digests.compute(
                 plain[rel:rel + (last - first) * DIGEST_CHUNK_PAGES * PAGE_SIZE]))
