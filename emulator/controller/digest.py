@@ -41,7 +41,6 @@ CHUNK_BYTES = 64 * 1024
 CHUNK_PAGES = CHUNK_BYTES // PAGE_SIZE
 _WORDS = CHUNK_BYTES // 8
 MAX_CHUNKS = 64  # per compute call: one 4 MiB window
-_TWEAK = bytes(16)
 
 
 class ChunkDigests:
@@ -57,7 +56,8 @@ class ChunkDigests:
         self.pages = pages
         self.digest = np.zeros((chunks, 2), np.uint64)
         self.valid = np.zeros(chunks, bool)
-        self._aes = algorithms.AES(os.urandom(32))  # XTS: two random halves (equal: 2^-128)
+        # XTS: two random halves (equal with probability 2^-128); one Cipher, a context per chunk
+        self._cipher = Cipher(algorithms.AES(os.urandom(32)), modes.XTS(bytes(16)))
         self._out = np.empty(MAX_CHUNKS * _WORDS + 2, np.uint64)  # +16 bytes update_into wants
         self._zero = self.compute(memoryview(bytes(CHUNK_BYTES)))[0].copy()
 
@@ -67,7 +67,7 @@ class ChunkDigests:
         assert chunks * CHUNK_BYTES == len(data) and chunks <= MAX_CHUNKS
         out = self._out.view(np.uint8)
         for i in range(chunks):
-            encryptor = Cipher(self._aes, modes.XTS(_TWEAK)).encryptor()
+            encryptor = self._cipher.encryptor()
             encryptor.update_into(data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES],
                                   out[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES + 16].data)
         words = self._out[:chunks * _WORDS]
