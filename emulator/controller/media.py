@@ -87,16 +87,18 @@ class Media:
 
     def write_pages(self, pages: Sequence[tuple[int, memoryview]],
                     states: Sequence[PageState] | None = None,
-                    applied: Callable[[int, int], None] | None = None) -> None:
+                    applied: Callable[[int, int], None] | None = None,
+                    batch_pages: int = JOURNAL_BATCH_PAGES) -> None:
         """Write whole pages (offset, 4 KiB) through the journal, batch by batch.
 
         With ``states`` (one per page), each batch's record carries the
         pages' new KeyID and tweak, and ``applied(first, end)`` (indices into
         ``pages``) is called once the batch is on the media, before the record
-        is retired: the caller persists those states there.
+        is retired: the caller persists those states there.  ``batch_pages``
+        (at most JOURNAL_MAX_BATCH_PAGES) pages go in each journal record.
         """
-        for start in range(0, len(pages), JOURNAL_BATCH_PAGES):
-            end = min(start + JOURNAL_BATCH_PAGES, len(pages))
+        for start in range(0, len(pages), batch_pages):
+            end = min(start + batch_pages, len(pages))
             batch = pages[start:end]
             self.journal.record(batch, None if states is None else states[start:end])
             for offset, run in _contiguous_runs(batch):

@@ -29,7 +29,7 @@ from .digest import ChunkDigests
 from .fastio import data_extents, pread_exact, pwrite_exact, zero_range
 from .media import JOURNAL_BATCH_PAGES, Media
 from .pagetable import PageTable, Range
-from .persist import PageState
+from .persist import JOURNAL_MAX_BATCH_PAGES, PageState
 from .progress import Activity
 from .results import PageInfo, Stats
 from .view import View
@@ -120,6 +120,11 @@ class Transfer:
         self.digests = ChunkDigests(pages.pages)
         self._media_hole = self._scan_media_holes()
         self.activity = Activity()
+        # Pages per journal batch of a write-back: each batch costs two fdatasync
+        # barriers (16 MiB batches: 4.1 s per GiB of journal+media I/O here, 64 MiB:
+        # 2.6 s), and pins its size in memory twice (one writing, one filling), so
+        # it grows with the device, within the memory budget of size/16.
+        self._batch = min(max(pages.pages // 64, JOURNAL_BATCH_PAGES), JOURNAL_MAX_BATCH_PAGES)
         # A view this backend just created reads as zeros: holes need no fill.
         self._view_is_zero = not view.reattached
         self._plain = memoryview(bytearray(CHUNK_PAGES * PAGE_SIZE))
@@ -283,7 +288,7 @@ class Transfer:
             try:
                 for a, b, plain in self._read_ahead(list(self._windows(start, end))):
                     dirty.extend(self._write_back_window(a, b, plain, verified))
-                    if len(dirty) >= JOURNAL_BATCH_PAGES:
+                    if len(dirty) > self._batch - CHUNK_PAGES:  # the next window could overflow
                         commits.submit(dirty, verified)
                         dirty, verified = [], []
                     self.activity.advance((b - a) * PAGE_SIZE)
@@ -369,7 +374,7 @@ class Transfer:
         """Write ``pages`` through the journal; then (durable) record ``verified`` digests."""
         if pages:
             self._media_written(pages)
-            self.media.write_pages(pages)
+            self.media.write_pages(pages, batch_pages=self._batch)
             self.stats.pages_written_back += len(pages)
         for first, digests, which in verified or []:
             self.digests.set(first, digests, which)
