@@ -284,3 +284,25 @@ def test_progress_is_logged_at_most_once_a_second(caplog: pytest.LogCaptureFixtu
     assert lines[0].startswith("fill 40% of 100 MiB") and lines[1].startswith("fill 80%")
     assert lines[-1].startswith("fill done: 100 MiB in 2.5 s") and len(lines) == 3
     assert activity.busy == ""
+
+
+def test_media_sync_is_skipped_only_when_every_media_write_was_synced(tmp_path: Path) -> None:
+    rule: dict[str, str | None] = {"action": None}
+
+    def media_sync(call: Call) -> bool:
+        return call.name == "fdatasync" and call.path is not None and call.path.name == "media"
+
+    io = FaultyIO(lambda call: rule["action"] if media_sync(call) else None)
+    c = open_controller(config(tmp_path), io=io)
+    c.media.sync()
+    before = sum(media_sync(call) for call in io.calls)
+    c.media.sync()  # nothing written since: no barrier
+    assert sum(media_sync(call) for call in io.calls) == before
+    c.view.data[:4] = b"SYNC"
+    rule["action"] = "eio"
+    with pytest.raises(OSError):
+        c.flush()  # the pages reached the media, their fdatasync failed
+    rule["action"] = None
+    c.media.sync()  # so this one must really sync
+    assert sum(media_sync(call) for call in io.calls) == before + 2
+    c.close()

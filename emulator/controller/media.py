@@ -54,6 +54,9 @@ class Media:
             if existing == 0:
                 io.ftruncate(self._fd, size)
             self.journal = Journal(state_dir / JOURNAL_FILE, io)
+            # Media writes not yet fdatasync'd: a sync with none is skipped (an
+            # fdatasync of a clean file still costs 1.8 ms here: half a map).
+            self._unsynced = True
         except BaseException:
             io.close(self._fd)
             raise
@@ -101,16 +104,20 @@ class Media:
             end = min(start + batch_pages, len(pages))
             batch = pages[start:end]
             self.journal.record(batch, None if states is None else states[start:end])
+            self._unsynced = True
             for offset, run in _contiguous_runs(batch):
                 pwritev_all(self._io, self._fd, run, offset)
             self._io.fdatasync(self._fd)
+            self._unsynced = False
             if applied is not None:
                 applied(start, end)
             self.journal.retire()
 
     def sync(self) -> None:
-        """Make every media write so far durable. Blocks on fdatasync."""
-        self._io.fdatasync(self._fd)
+        """Make every media write so far durable. Blocks on fdatasync, if any is pending."""
+        if self._unsynced:
+            self._io.fdatasync(self._fd)
+            self._unsynced = False
 
     def read_label(self) -> bytes:
         try:
