@@ -306,3 +306,21 @@ def test_media_sync_is_skipped_only_when_every_media_write_was_synced(tmp_path: 
     c.media.sync()  # so this one must really sync
     assert sum(media_sync(call) for call in io.calls) == before + 2
     c.close()
+
+
+def test_a_log_that_cannot_be_emptied_after_a_checkpoint_refuses_nothing(tmp_path: Path) -> None:
+    c = open_controller(config(tmp_path))
+    program(c, 3)
+    c.map_range(0, PAGE, 3)  # an old-generation record stays in the log below
+    c.abandon()
+
+    def truncate_of_log(call: Call) -> str | None:
+        is_log = call.path is not None and call.path.name == LOG_FILE
+        return "eio" if call.name == "ftruncate" and is_log else None
+
+    again = open_controller(config(tmp_path), io=FaultyIO(truncate_of_log))  # checkpoints
+    again.map_range(PAGE, PAGE, 0)  # must not append after the stale record: checkpoints again
+    again.abandon()
+    last = open_controller(config(tmp_path))
+    assert int(last.page_keyid[0]) == 3 and int(last.page_keyid[1]) == 0
+    last.close()

@@ -29,6 +29,7 @@ changed page ranges), then each range's KeyIDs (<u2) and tweaks (<u8).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import zlib
@@ -40,6 +41,8 @@ import numpy as np
 from ..errors import StateError
 from ..fileio import FileIO, write_all
 from .persist import Metadata, load_metadata
+
+log = logging.getLogger(__name__)
 
 LOG_FILE = "metadata.log"
 GENERATION = "log_generation"  # the key of the metadata's config that names its log
@@ -157,20 +160,29 @@ class StateLog:
 
     def checkpointed(self, generation: int, config: dict[str, object], kinds: Sequence[int],
                      pending: Sequence[Range]) -> None:
-        """The metadata of ``generation`` is durable: empty the log (its records are stale)."""
+        """The metadata of ``generation`` is durable: empty the log (its records are stale).
+
+        Never raises OSError: the save already took effect, and a request
+        must not be refused after it did.  A log that cannot be emptied only
+        holds records of an older generation (ignored); the next save is then
+        a checkpoint again, so nothing is ever appended after them.
+        """
         self.generation = generation
         self._must_checkpoint = True
-        fd = self._io.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            self._io.ftruncate(fd, 0)
-            # Zeros written ahead (synced with the first record): a record that
-            # overwrites them needs no inode update, so its fdatasync is one
-            # data write (1.9 ms here, against 3.2 ms for an append).
-            write_all(self._io, fd, bytes(PREALLOCATE), 0)
-        finally:
-            self._io.close(fd)
         self._end = 0
-        self._must_checkpoint = False
+        try:
+            fd = self._io.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self._io.ftruncate(fd, 0)
+                self._must_checkpoint = False
+                # Zeros written ahead (synced with the first record): a record that
+                # overwrites them needs no inode update, so its fdatasync is one
+                # data write (1.9 ms here, against 3.2 ms for an append).
+                write_all(self._io, fd, bytes(PREALLOCATE), 0)
+            finally:
+                self._io.close(fd)
+        except OSError as exc:
+            log.warning("state log %s: %s; the next save rewrites the metadata", self.path, exc)
         self._last = (json.dumps(config, sort_keys=True), list(kinds), list(pending))
 
 
