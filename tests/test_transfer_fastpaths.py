@@ -273,7 +273,7 @@ def test_a_damaged_log_record_is_one_clear_error(tmp_path: Path) -> None:
 def test_progress_is_logged_at_most_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     activity = Activity(clock=lambda: now[0])
-    caplog.set_level(logging.INFO, "emulator.controller")
+    caplog.set_level(logging.INFO, "mktme_emu.controller.progress")
     activity.begin("fill", 100 << 20)
     for _ in range(10):
         now[0] += 0.25

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("emulator.controller")
+log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
