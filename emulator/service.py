@@ -203,8 +203,8 @@ class Backend:
         A key program that cannot get the device by ``deadline`` answers
         DEVICE_BUSY, as PCONFIG does; other requests wait their turn.
         """
-        if req is p.Request.STATS:  # counters only: answered while a long request runs
-            return self._stats(payload, role)
+        if req in (p.Request.STATS, p.Request.GET_CONFIG):  # read-only: `status` answers
+            return self._handlers[req](payload, role)      # while a long request runs
         if req is p.Request.KEY_PROGRAM:
             if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 return p.U32.pack(KeyStatus.DEVICE_BUSY)

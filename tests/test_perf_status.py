@@ -54,9 +54,11 @@ def test_stats_answers_during_a_slow_flush_and_names_it(tmp_path: Path) -> None:
             flush.start()
             time.sleep(0.5)
             started = time.monotonic()
+            size = watcher.config()["size"]  # what `mktme-emu status` asks first
             busy = watcher.stats()["busy"]
             answered = time.monotonic() - started
             flush.join(30)
+        assert size == 4 << 20
         assert str(busy).startswith("flush") and answered < 1.0  # did not wait for the flush
     finally:
         loop.call_soon_threadsafe(service.stop)
