@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import backend, vm, xts
+from . import backend, sizes, vm, xts
 
-SECTIONS = {"xts": xts.run, "backend": backend.run, "vm": vm.run}
+SECTIONS = {"xts": xts.run, "backend": backend.run, "sizes": sizes.run, "vm": vm.run}
 
 
 def main() -> int:

@@ -75,6 +75,7 @@ class Backend:
         # behind long requests: its busy timeout runs from its arrival.
         self._key_executor = ThreadPoolExecutor(1, thread_name_prefix="pconfig")
         self._closed = False
+        self._busy = ""  # the request running under the lock, for STATS
         self._servers: list[asyncio.AbstractServer] = []
         self._claimed: list[ClaimedSocket] = []
         self._stopping = asyncio.Event()
@@ -286,6 +287,8 @@ class Backend:
         A key program that cannot get the device by ``deadline`` answers
         DEVICE_BUSY, as PCONFIG does; other requests wait their turn.
         """
+        if req in (p.Request.STATS, p.Request.GET_CONFIG):  # read-only: `status` answers
+            return self._handlers[req](args, role)         # while a long request runs
         if req is p.Request.KEY_PROGRAM:
             if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 return p.U32.pack(KeyStatus.DEVICE_BUSY)
@@ -294,6 +297,7 @@ class Backend:
         try:
             if self._closed:
                 raise _Refused(ErrorCode.STATE, "the backend is shutting down")
+            self._busy = req.name.lower().replace("_", "-")
             return self._handlers[req](args, role)
         except _Refused:
             raise
@@ -307,6 +311,7 @@ class Backend:
                 log.exception("%s crashed", req.name)
             raise _Refused(ErrorCode.INTERNAL, f"{req.name} failed: internal error") from exc
         finally:
+            self._busy = ""
             self._lock.release()
 
     @staticmethod
@@ -385,9 +390,10 @@ class Backend:
     def _stats(self, args: object, role: p.Role) -> bytes:
         s = self.controller.stats
         locked = sum(self.controller.locked_pages().values())
+        busy = self._busy and f"{self._busy}: {self.controller.busy}".rstrip(": ")
         return p.Stats(s.pages_filled, s.pages_written_back, s.bytes_encrypted, s.bytes_decrypted,
                        s.flushes, s.power_cycles, s.key_programs, locked, s.flush_seconds_total,
-                       s.flush_seconds_max).pack()
+                       s.flush_seconds_max, busy).pack()
 
     def _view_fd(self, args: object, role: p.Role) -> tuple[bytes, int]:
         view = self.controller.view

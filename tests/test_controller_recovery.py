@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fault_io import Call, Died, FaultyIO
 from mktme_emu.controller import ControllerConfig, MemoryController, open_controller
+from mktme_emu.controller.statelog import LOG_FILE, PREALLOCATE
 from mktme_emu.errors import StateError
 from mktme_emu.protocol import KeyCommand, key_program
 
@@ -32,7 +33,12 @@ def media(tmp_path: Path) -> bytes:
 
 
 def is_metadata_rename(call: Call) -> bool:
-    return call.name == "rename" and call.path is not None and call.path.name == "metadata"
+    """A save of the page state: the metadata file's replacement, or a state-log record
+    (not the zeros a checkpoint writes ahead into the emptied log)."""
+    if call.path is None:
+        return False
+    return ((call.name == "rename" and call.path.name == "metadata")
+            or (call.name == "pwrite" and call.path.name == LOG_FILE and call.size != PREALLOCATE))
 
 
 def test_crash_during_the_start_up_fill_of_a_new_view_loses_nothing(tmp_path: Path) -> None:

@@ -79,6 +79,11 @@ class MemoryController:
         return self._move.base
 
     @property
+    def busy(self) -> str:
+        """The transfer phase in progress and how far it got ("" when idle); any thread."""
+        return self._move.activity.busy
+
+    @property
     def page_keyid(self) -> np.ndarray:
         return self.pages.keyid
 
@@ -198,16 +203,17 @@ class MemoryController:
         log.warning("NVDIMM base moved from %#x to %#x%s", self.base, base,
                     " (spa tweaks: ciphertext will not decrypt at the new place)"
                     if self.config.tweak is TweakMode.SPA else "")
-        self._move.write_back(0, self.config.pages)
+        keyed = self._move.keyed_ranges(0, self.config.pages)  # the rest ignore tweaks
+        for start, end in keyed:
+            self._move.write_back(start, end)
         self.media.sync()
         old, self._move.base = self.base, base
-        everything = [(0, self.config.pages)]
         try:
-            self._persist(pending=everything)
+            self._persist(pending=keyed)
         except BaseException:
             self._move.base = old  # memory stays as the disk has it
             raise
-        self.finish_fill(everything)
+        self.finish_fill(keyed)
 
     def inspect(self, offset: int, count: int = 1) -> list[PageInfo]:
         """Per-page KeyID, kind, lock and whether media == write-back(view)."""
@@ -231,6 +237,7 @@ class MemoryController:
             return
         try:
             self.flush()
+            self.pages.checkpoint_next()  # a cleanly closed device keeps no state log
             self._persist()
         finally:
             self.abandon()

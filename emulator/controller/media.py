@@ -54,6 +54,9 @@ class Media:
             if existing == 0:
                 io.ftruncate(self._fd, size)
             self.journal = Journal(state_dir / JOURNAL_FILE, io)
+            # Media writes not yet fdatasync'd: a sync with none is skipped (an
+            # fdatasync of a clean file still costs 1.8 ms here: half a map).
+            self._unsynced = True
         except BaseException:
             io.close(self._fd)
             raise
@@ -87,28 +90,34 @@ class Media:
 
     def write_pages(self, pages: Sequence[tuple[int, memoryview]],
                     states: Sequence[PageState] | None = None,
-                    applied: Callable[[int, int], None] | None = None) -> None:
+                    applied: Callable[[int, int], None] | None = None,
+                    batch_pages: int = JOURNAL_BATCH_PAGES) -> None:
         """Write whole pages (offset, 4 KiB) through the journal, batch by batch.
 
         With ``states`` (one per page), each batch's record carries the
         pages' new KeyID and tweak, and ``applied(first, end)`` (indices into
         ``pages``) is called once the batch is on the media, before the record
-        is retired: the caller persists those states there.
+        is retired: the caller persists those states there.  ``batch_pages``
+        (at most JOURNAL_MAX_BATCH_PAGES) pages go in each journal record.
         """
-        for start in range(0, len(pages), JOURNAL_BATCH_PAGES):
-            end = min(start + JOURNAL_BATCH_PAGES, len(pages))
+        for start in range(0, len(pages), batch_pages):
+            end = min(start + batch_pages, len(pages))
             batch = pages[start:end]
             self.journal.record(batch, None if states is None else states[start:end])
+            self._unsynced = True
             for offset, run in _contiguous_runs(batch):
                 pwritev_all(self._io, self._fd, run, offset)
             self._io.fdatasync(self._fd)
+            self._unsynced = False
             if applied is not None:
                 applied(start, end)
             self.journal.retire()
 
     def sync(self) -> None:
-        """Make every media write so far durable. Blocks on fdatasync."""
-        self._io.fdatasync(self._fd)
+        """Make every media write so far durable. Blocks on fdatasync, if any is pending."""
+        if self._unsynced:
+            self._io.fdatasync(self._fd)
+            self._unsynced = False
 
     def read_label(self) -> bytes:
         try:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..fileio import FileIO
 from .persist import JournalRecord, Metadata, save_metadata
+from .statelog import GENERATION, StateLog
 
 Range = tuple[int, int]  # [start, end) in pages
 
@@ -29,12 +30,15 @@ class PageTable:
     """
 
     def __init__(self, state_dir: Path, io: FileIO, keyid: np.ndarray, tweak: np.ndarray,
-                 pending: Sequence[Range] = ()) -> None:
+                 pending: Sequence[Range] = (), generation: int = 0) -> None:
         self._state_dir = state_dir
         self._io = io
         self.keyid = keyid
         self.tweak = tweak
         self.pending: list[Range] = list(pending)
+        self._log = StateLog(state_dir, io, generation)  # small changes: see .statelog
+        self._changed: list[Range] = []  # ranges changed since the last save
+        self._undo: list[tuple[int, np.ndarray, np.ndarray]] | None = None
 
     @classmethod
     def fresh(cls, state_dir: Path, io: FileIO, pages: int) -> PageTable:
@@ -43,8 +47,9 @@ class PageTable:
 
     @classmethod
     def from_metadata(cls, state_dir: Path, io: FileIO, stored: Metadata) -> PageTable:
+        generation = stored.config.get(GENERATION, 0)
         return cls(state_dir, io, stored.page_keyid.copy(), stored.page_tweak.copy(),
-                   stored.pending_fill)
+                   stored.pending_fill, generation if isinstance(generation, int) else 0)
 
     @property
     def pages(self) -> int:
@@ -54,17 +59,20 @@ class PageTable:
 
     def reset(self) -> None:
         """Power cycle: every page back to KeyID 0 and its index as tweak."""
+        self._changing(0, self.pages)
         self.keyid[:] = 0
         self.tweak[:] = np.arange(self.pages, dtype=np.uint64)
 
     def assign(self, start: int, end: int, keyid: int, logical_tweak: int | None) -> None:
         """Give pages [start, end) a KeyID and, optionally, consecutive logical tweaks."""
+        self._changing(start, end)
         self.keyid[start:end] = keyid
         if logical_tweak is not None:
             self.tweak[start:end] = np.arange(end - start, dtype=np.uint64) + np.uint64(logical_tweak)
 
     def copy_state(self, src: int, dst: int, count: int) -> None:
         """Pages dst.. take the KeyID and tweak of pages src.. (a keyed relocation)."""
+        self._changing(dst, dst + count)
         self.keyid[dst:dst + count] = self.keyid[src:src + count]
         self.tweak[dst:dst + count] = self.tweak[src:src + count]
 
@@ -75,6 +83,7 @@ class PageTable:
         touched = []
         for (offset, _), state in zip(record.pages, record.states, strict=True):
             page = offset // page_size
+            self._changing(page, page + 1)
             self.keyid[page], self.tweak[page] = state.keyid, state.tweak
             touched.append(page)
         return ranges(np.asarray(sorted(touched)))
@@ -82,13 +91,24 @@ class PageTable:
     @contextlib.contextmanager
     def undo_on_error(self) -> Iterator[None]:
         """Restore both arrays if the block raises (say, ENOSPC persisting them):
-        a refused request must leave memory as it left the disk."""
-        saved = (self.keyid.copy(), self.tweak.copy())
+        a refused request must leave memory as it left the disk.  Saves only
+        the ranges the block changes (a map of 2 MiB copies 5 KiB, not 10 MiB)."""
+        self._undo = []
         try:
             yield
         except BaseException:
-            self.keyid[:], self.tweak[:] = saved
+            for start, keyid, tweak in reversed(self._undo):
+                self.keyid[start:start + len(keyid)] = keyid
+                self.tweak[start:start + len(keyid)] = tweak
             raise
+        finally:
+            self._undo = None
+
+    def _changing(self, start: int, end: int) -> None:
+        """Pages [start, end) are about to change: note them for the log and the undo."""
+        self._changed.append((start, end))
+        if self._undo is not None:
+            self._undo.append((start, self.keyid[start:end].copy(), self.tweak[start:end].copy()))
 
     # -- questions -----------------------------------------------------------
 
@@ -122,18 +142,43 @@ class PageTable:
 
     # -- persistence ---------------------------------------------------------
 
+    def checkpoint_next(self) -> None:
+        """The next :meth:`save` replaces the metadata file (and empties the state log)."""
+        self._log.force_checkpoint()
+
     def save(self, config: dict[str, object], kinds: Sequence[int],
              pending: Sequence[Range] = ()) -> None:
         """Persist both arrays, the per-KeyID ``kinds`` and the fills in progress.
 
-        Atomic (the old or the new metadata file survives a crash); blocks
-        on fsync; raises OSError, and then ``pending`` is unchanged.
+        Atomic (the old or the new state survives a crash); blocks on fsync;
+        raises OSError, and then ``pending`` is unchanged.  Few changed pages
+        are appended to the state log, else the metadata file is replaced.
         """
-        save_metadata(self._state_dir, Metadata(
-            config=config, page_keyid=self.keyid, page_tweak=self.tweak,
-            keyid_kind=np.asarray([int(k) for k in kinds], np.uint8),
-            pending_fill=list(pending)), self._io)
+        changed = _merged(self._changed)
+        count = sum(end - start for start, end in changed)
+        size = 10 * count + 4096
+        if self._log.wants_checkpoint(count, size):
+            generation = self._log.generation + 1
+            save_metadata(self._state_dir, Metadata(
+                config={**config, GENERATION: generation}, page_keyid=self.keyid,
+                page_tweak=self.tweak, keyid_kind=np.asarray([int(k) for k in kinds], np.uint8),
+                pending_fill=list(pending)), self._io)
+            self._log.checkpointed(generation, config, kinds, pending)
+        else:
+            self._log.append(config, kinds, pending, changed, self.keyid, self.tweak)
+        self._changed = []
         self.pending = list(pending)
+
+
+def _merged(spans: Sequence[Range]) -> list[Range]:
+    """Sorted, non-overlapping union of [start, end) spans."""
+    out: list[Range] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def ranges(pages: np.ndarray) -> list[Range]:

@@ -38,6 +38,9 @@ _JR_HEAD = struct.Struct("<QQIIQ")  # magic, sequence, page count, crc32, flags
 _JR_HAS_STATES = 1  # the record carries each page's new KeyID and tweak
 # Pages per journal batch: bounds the journal file and the memory a batch pins.
 JOURNAL_BATCH_PAGES = 4096
+# The largest batch a record may hold: big devices write back in bigger batches
+# (fewer fdatasync barriers; see docs/performance.md), and replay accepts them.
+JOURNAL_MAX_BATCH_PAGES = 16384
 _MD_HEADER_MAX = 1 << 20  # the JSON header is a few hundred bytes
 
 
@@ -193,9 +196,9 @@ class Journal:
         magic, sequence, count, crc, flags = _JR_HEAD.unpack(head)
         if magic != _JR_MAGIC or count == 0:
             return None
-        if count > JOURNAL_BATCH_PAGES or flags & ~_JR_HAS_STATES:
+        if count > JOURNAL_MAX_BATCH_PAGES or flags & ~_JR_HAS_STATES:
             raise StateError(f"{self.path}: journal record of {count} pages (flags {flags:#x}) "
-                             f"is not one this program writes (at most {JOURNAL_BATCH_PAGES}); "
+                             f"is not one this program writes (at most {JOURNAL_MAX_BATCH_PAGES}); "
                              "damaged or crafted: move it away to start without it")
         meta_size = 16 * count if flags & _JR_HAS_STATES else 0
         body_size = 8 * count + meta_size + PAGE_SIZE * count

@@ -22,7 +22,8 @@ from .controller import DeviceParts, MemoryController
 from .lock import StateLock
 from .media import Media
 from .pagetable import PageTable, Range
-from .persist import JournalRecord, Metadata, load_metadata
+from .persist import JournalRecord, Metadata
+from .statelog import load_state
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _open(config: ControllerConfig, io: FileIO, keytable: KeyTable | None,
     if keys is None:
         keys = KeyTable(config.keyid_bits, config.tme, config.state_dir)
         stack.callback(keys.wipe)
-    stored = load_metadata(config.state_dir)
+    stored = load_state(config.state_dir)
     if stored is not None:
         _check_same_device(config, stored, keys)
     media = Media(config.state_dir, config.size, config.label_size, io)

@@ -249,14 +249,20 @@ class Stats:
     locked_pages: int
     flush_seconds_total: float
     flush_seconds_max: float
+    busy: str = ""  # the request running and its progress; "" when idle
 
     def pack(self) -> bytes:
-        return STATS_REPLY.pack(*asdict(self).values())
+        *counters, busy = asdict(self).values()
+        return STATS_REPLY.pack(*counters) + str(busy).encode()
 
     @classmethod
     def unpack(cls, body: bytes) -> Stats:
-        _reply_size(body, STATS_REPLY, "STATS")
-        return cls(*STATS_REPLY.unpack(body))
+        _reply_size(body, STATS_REPLY, "STATS", at_least=True)
+        busy = body[STATS_REPLY.size:].decode(errors="replace")
+        (filled, written, encrypted, decrypted, flushes, cycles, programs, locked, total,
+         longest) = STATS_REPLY.unpack_from(body)
+        return cls(filled, written, encrypted, decrypted, flushes, cycles, programs, locked,
+                   total, longest, busy)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
