@@ -39,7 +39,7 @@ from mktme_emu.protocol import Client
 from . import dax, physaddr, system
 from .argtypes import integer
 from .errors import PhaseError
-from .phaselib import Phase, Result, classify, extents_json, pattern, pattern_spec, program_user
+from .phaselib import Phase, Result, classify, extents_json, key_file, pattern, pattern_spec, program_user
 from .physaddr import PAGE_SIZE
 
 DEFAULT_MOUNT = Path("/mnt/fscrypt")
@@ -206,11 +206,18 @@ def page_counts(text: str) -> list[int]:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--master-key", required=True, metavar="HEX", type=master_key,
+    master = parser.add_mutually_exclusive_group(required=True)
+    master.add_argument("--master-key", metavar="HEX", type=master_key,
                         help="fscrypt master key, 64 bytes in hex (a test key: the host checks with it)")
+    master.add_argument("--master-key-file", dest="master_key", metavar="FILE",
+                        type=lambda path: master_key(key_file(path)),
+                        help="the same, read from FILE (what the host passes: keys stay off argv)")
     parser.add_argument("--uuid", required=True, type=uuid.UUID, help="filesystem UUID for mkfs.ext4 -U")
-    parser.add_argument("--user", required=True, metavar="KEYHEX:TWEAKHEX",
-                        help="the per-mode key the host derived (AES-256-XTS data key : tweak key)")
+    user = parser.add_mutually_exclusive_group(required=True)
+    user.add_argument("--user", metavar="KEYHEX:TWEAKHEX",
+                      help="the per-mode key the host derived (AES-256-XTS data key : tweak key)")
+    user.add_argument("--user-file", dest="user", metavar="FILE", type=key_file,
+                      help="the same, read from FILE")
     parser.add_argument("--keyid", type=integer, default=9, help="KeyID for the offload (default 9)")
     parser.add_argument("--pages", type=page_counts, default=[4, 9, 2],
                         help="pages per file, comma-separated (default 4,9,2)")
@@ -228,15 +235,15 @@ def run_fscrypt_offload(args: argparse.Namespace, client: Client) -> Result:
                 "-U", str(args.uuid), device])
     system.mount(device, args.mountpoint, "ext4")
     try:
-        identifier, files = _fscrypt_files(args, int(cfg["base"]))
+        identifier, files = _fscrypt_files(args, cfg.base)
         fs_uuid = superblock_uuid(device)
-        _offload(client, args, files, use_dun=cfg["tweak"] == "dun")
+        _offload(client, args, files, use_dun=cfg.tweak.value == "dun")
     finally:
         system.umount(args.mountpoint)
     client.flush()
     ok = all(f["readback"] == f["offload_readback"] == "intact" for f in files)
-    return {"phase": "fscrypt-offload", "tweak_mode": cfg["tweak"], "unit": cfg["unit"],
-            "base": cfg["base"], "uuid": fs_uuid, "key_identifier": identifier.hex(),
+    return {"phase": "fscrypt-offload", "tweak_mode": cfg.tweak.value, "unit": cfg.unit,
+            "base": cfg.base, "uuid": fs_uuid, "key_identifier": identifier.hex(),
             "keyid": args.keyid, "pattern": pattern_spec(args.seed) + " (seed + file index)",
             "files": files, "ok": ok}
 

@@ -74,6 +74,19 @@ def sha256(data: bytes) -> str:
 
 # -- keys -----------------------------------------------------------------------------------
 
+def key_file(path: str) -> str:
+    """The key text held in a file (what the host hands a phase, never on argv).
+
+    The error names neither the file's contents nor, in case a key was typed
+    where the path belongs, the path.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read the key file ({type(exc).__name__})") from None
+
+
 def add_key_arguments(parser: argparse.ArgumentParser, keyid: int, *, key: str = TEST_KEY,
                       prefix: str = "") -> None:
     """``--keyid`` and ``--user KEY:TWEAK`` (a documented test key by default) and ``--alg``."""
@@ -83,6 +96,8 @@ def add_key_arguments(parser: argparse.ArgumentParser, keyid: int, *, key: str =
     parser.add_argument(f"--{prefix}user", dest=f"{dest}user", metavar="KEYHEX:TWEAKHEX",
                         default=key, help="user key to program (default: the test key in "
                         "mktme_guest.phaselib)")
+    parser.add_argument(f"--{prefix}user-file", dest=f"{dest}user", metavar="FILE", type=key_file,
+                        help="read the user key from FILE instead: keys stay off the command line")
     if not prefix:
         parser.add_argument("--alg", default="aes-xts-128", choices=["aes-xts-128", "aes-xts-256"])
 

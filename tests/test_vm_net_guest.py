@@ -161,7 +161,7 @@ def test_ctrl_c_during_a_tap_run_removes_its_namespace() -> None:
     assert child.stderr is not None
     try:
         # Its last line before QEMU starts; a dead child ends the loop with "".
-        while "QMP monitor socket" not in (line := child.stderr.readline()):
+        while "QMP monitor" not in (line := child.stderr.readline()):
             assert line, "the run ended before starting QEMU"
         mine = [n for n in namespaces() if n.startswith(f"{NS_PREFIX}{child.pid}-")]
         assert len(mine) == 1

@@ -20,7 +20,7 @@ def namespace_key(options: SessionOptions) -> list[Row]:
     """1. One key for the whole namespace; power cycle; no mount without it, all back with it."""
     name = "namespace-key"
     dimm = Dimm(options, name)
-    key = ["--user", dimm.user_key]
+    key = ["--user-file", dimm.user_key_file()]
     (setup,) = dimm.boot([("namespace-setup", *key)], ns_mode="fsdax")
     seed, size, files = int(setup["seed"]), int(setup["file_size"]), len(setup["sha256"])  # type: ignore[call-overload, arg-type]
     samples = [guest_pattern(seed + i, size) for i in range(files)]
@@ -45,7 +45,7 @@ def dax_mmap(options: SessionOptions) -> list[Row]:
     for label, phase, ns in (("ext4 -o dax", ("dax-file", "--fs", "ext4"), "fsdax"),
                              ("xfs -o dax", ("dax-file", "--fs", "xfs"), "fsdax"),
                              ("devdax", ("devdax",), "devdax")):
-        (result,) = dimm.boot([(*phase, "--user", dimm.user_key)], ns_mode=ns)
+        (result,) = dimm.boot([(*phase, "--user-file", dimm.user_key_file())], ns_mode=ns)
         plaintext = guest_pattern(int(result["seed"]), int(result["length"]))  # type: ignore[call-overload]
         media = dimm.media()
         rows += [
@@ -67,7 +67,7 @@ def relocation(options: SessionOptions) -> list[Row]:
     rows: list[Row] = []
     for tweak in ("spa", "logical"):
         dimm = Dimm(options, f"{name}-{tweak}", tweak=tweak)
-        (result,) = dimm.boot([("relocation", "--user", dimm.user_key)], ns_mode="devdax")
+        (result,) = dimm.boot([("relocation", "--user-file", dimm.user_key_file())], ns_mode="devdax")
         for case in result["cases"]:  # type: ignore[attr-defined]
             expected = relocation_model(case["case"], tweak, dimm.tme)
             rows.append(Row(name, f"{tweak}: {case['case']}", expected, case["outcome"]))
@@ -78,7 +78,7 @@ def lost_keys(options: SessionOptions) -> list[Row]:
     """4. Wrong KeyIDs read garbage; after a power cycle random keys are gone, user keys come back."""
     name = "lost-keys"
     dimm = Dimm(options, name)
-    key = ["--user", dimm.user_key]
+    key = ["--user-file", dimm.user_key_file()]
     (before,) = dimm.boot([("lost-keys-before", *key)], ns_mode="devdax")
     (after,) = dimm.boot([("lost-keys-after", *key)], ns_mode="devdax")
     rows = [Row(name, str(c["case"]), str(c["expected"]), str(c["outcome"]))

@@ -63,8 +63,9 @@ def boot_phase(options: SessionOptions, tweak: str, secrets: Secrets) -> tuple[D
     dimm = Dimm(options, f"{NAME}-{tweak}", tweak=tweak, unit=BLOCK)
     key = secrets.derived_key
     dimm.user_key = key[:32].hex() + ":" + key[32:].hex()
-    (result,) = dimm.boot([("fscrypt-offload", "--master-key", secrets.master_key.hex(),
-                            "--uuid", str(secrets.fs_uuid), "--user", dimm.user_key,
+    master = dimm.secret_file("master-key", secrets.master_key.hex())
+    (result,) = dimm.boot([("fscrypt-offload", "--master-key-file", master,
+                            "--uuid", str(secrets.fs_uuid), "--user-file", dimm.user_key_file(),
                             "--keyid", str(KEYID))], ns_mode="fsdax")
     return dimm, result
 

@@ -49,8 +49,9 @@ class SessionOptions:
 class Dimm:
     """An emulated NVDIMM in its own state directory; each boot on it follows a power cycle.
 
-    ``user_key`` is a fresh test key per DIMM, handed to the phases on their
-    command line, so the host can compute the expected ciphertext.
+    ``user_key`` is a fresh test key per DIMM, handed to the phases in a file
+    (:meth:`secret_file`, never on a command line), so the host can compute
+    the expected ciphertext.
     """
 
     def __init__(self, options: SessionOptions, name: str, *, tweak: str = "spa",
@@ -69,6 +70,23 @@ class Dimm:
     def key_bytes(self) -> bytes:
         """Data key || tweak key, as the XTS engine takes it."""
         return bytes.fromhex(self.user_key.replace(":", ""))
+
+    def secret_file(self, label: str, text: str) -> str:
+        """Write ``text`` to a 0600 file beside the state directory; its path, for a phase.
+
+        The guest reads it through its view of the host's files: keys never
+        travel on the guest's command lines.
+        """
+        self.options.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.options.workdir / f"{self.name}.{label}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return str(path)
+
+    def user_key_file(self) -> str:
+        """The file holding ``user_key``, for ``--user-file``."""
+        return self.secret_file("user-key", self.user_key)
 
     def media(self) -> bytes:
         return (self.state_dir / "media").read_bytes()

@@ -16,7 +16,7 @@ Lifecycle (QEMU started with -S):
   3. init's status port (:mod:`.status`): hello, start, exit RC, init-error;
   4. the end: QEMU exits after the guest powers off; otherwise ``quit`` with a
      timeout, then kill.  SIGINT/SIGTERM/SIGHUP end the run the same way.
-Phase events (``PhaseHook``) mark the way for a boot timer: qemu-started,
+Phase events (``PhaseHook``) mark the way for a boot timer: qemu-started, qmp-connected,
 guest-running, init-hello, command-start, command-end, teardown-done.
 """
 
@@ -329,6 +329,7 @@ class _Session:
     async def _drive(self) -> None:
         """From QEMU started (paused) to the end of the run."""
         await self._connect_qmp()
+        self.phase(timeline.QMP_READY)
         listener = EventListener(("RESET", "SHUTDOWN", "GUEST_PANICKED", "RESUME"))
         self.qmp.register_listener(listener)
         self._spawn(self._events(listener))
