@@ -14,6 +14,7 @@ from mktme_emu.protocol import Client, KeyCommand, key_program
 from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
 
 from .report import best_of, line
+from .sizes import reference_write_sync
 
 MiB = 1 << 20
 
@@ -27,22 +28,6 @@ def backend(size: int) -> Iterator[EmulatedNvdimm]:
         yield nvdimm
     finally:
         nvdimm.close()
-
-
-def _disk_write_speed(directory: Path, size: int) -> float:
-    """Seconds to write `size` bytes and fdatasync them: the disk's own speed, the reference."""
-    data = os.urandom(MiB)
-    path = directory / "disk-reference"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        start = time.perf_counter()
-        for offset in range(0, size, MiB):
-            os.pwrite(fd, data, offset)
-        os.fdatasync(fd)
-        return time.perf_counter() - start
-    finally:
-        os.close(fd)
-        path.unlink()
 
 
 def _private_memory(pid: int) -> dict[str, int]:
@@ -68,7 +53,7 @@ def _throughput(nvdimm: EmulatedNvdimm, size: int) -> None:
         start = time.perf_counter()
         written = client.flush().written
         dirty = time.perf_counter() - start
-        reference = _disk_write_speed(sock.parent, size)
+        reference = reference_write_sync(sock.parent, size)
         line(f"flush {size // MiB} MiB fully dirty ({written} pages)", size / dirty / 1e9, "GB/s",
              size / reference / 1e9, "disk write+fdatasync")
         clean = best_of(3, client.flush)

@@ -15,6 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .errors import ConfigError
+
 TYPE_CHECKING = False  # not typing's: importing typing costs the guest's CLI ~0.1 s under TCG
 if TYPE_CHECKING:
     from typing import Any, NoReturn
@@ -128,3 +130,29 @@ def known_words(parser: argparse.ArgumentParser) -> set[str]:
         elif action.choices is not None:
             words.update(str(choice) for choice in action.choices)
     return words
+
+
+MAX_KEY_TEXT = 4096  # far more than any key form; a wrong file is refused, not slurped
+
+
+def read_secret(path: str, option: str) -> str:
+    """The text of a key file (``-`` = stdin), surrounding whitespace removed.
+
+    Raises ConfigError naming the option and the path (never the content) if
+    the file cannot be read, is not text, or is far longer than a key.
+    """
+    try:
+        if path == "-":
+            raw = sys.stdin.buffer.read(MAX_KEY_TEXT + 1)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_KEY_TEXT + 1)
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read the file: {exc.strerror or exc}") from None
+    where = "stdin" if path == "-" else "the file"  # never its name: a key typed there by mistake
+    if len(raw) > MAX_KEY_TEXT:
+        raise ConfigError(f"{option}: {where} is longer than {MAX_KEY_TEXT} bytes: not a key file")
+    try:
+        return raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{option}: {where} is not text") from None

@@ -21,7 +21,7 @@ from mktme_emu.protocol import (
     KeyStatus,
     key_program_from_choice,
 )
-from mktme_emu.usage import OneLineParser
+from mktme_emu.usage import OneLineParser, read_secret
 
 # dax (ctypes, logging), phases (every scenario step) and logging are imported
 # by the commands that use them: under TCG each module costs the guest tens of
@@ -30,8 +30,6 @@ from . import channel, physaddr, system
 from .argtypes import integer, size
 from .errors import KeyRefused, MktmeError, UsageError
 from .physaddr import PAGE_SIZE, Extent
-
-MAX_KEY_TEXT = 4096  # far more than any key form: a wrong file is refused, not slurped
 
 EXIT_ERROR = 1
 
@@ -86,29 +84,10 @@ def _add_key_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--alg", default="aes-xts-128", choices=["aes-xts-128", "aes-xts-256"])
 
 
-def _read_secret(path: str, option: str) -> str:
-    """A key file's text (``-`` = stdin), stripped; errors name the path, never the content."""
-    try:
-        if path == "-":
-            raw = sys.stdin.buffer.read(MAX_KEY_TEXT + 1)
-        else:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_KEY_TEXT + 1)
-    except OSError as exc:
-        raise UsageError(f"{option}: cannot read the file: {exc.strerror or exc}") from None
-    where = "stdin" if path == "-" else "the file"  # never its name: a key typed there by mistake
-    if len(raw) > MAX_KEY_TEXT:
-        raise UsageError(f"{option}: {where} is longer than {MAX_KEY_TEXT} bytes: not a key file")
-    try:
-        return raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise UsageError(f"{option}: {where} is not text") from None
-
-
 def _key_program(args: argparse.Namespace) -> KeyProgram:
     """The struct the options describe (reading a key file if one is named)."""
-    user = _read_secret(args.user_file, "--user-file") if args.user_file else args.user
-    options = (_read_secret(args.options_file, "--options-file") if args.options_file
+    user = read_secret(args.user_file, "--user-file") if args.user_file else args.user
+    options = (read_secret(args.options_file, "--options-file") if args.options_file
                else args.options)
     return key_program_from_choice(args.keyid, args.alg, user=user, random=args.random,
                                    clear=args.clear, options=options)

@@ -103,13 +103,14 @@ def map_extents(client: Client, extents: list[Extent], keyid: int,
     wherever its pieces lie.
     """
     area = DataArea.of(client)
-    done = []
-    for ext in page_extents(extents):
-        offset = area.offset(ext)
-        tweak = None if logical_tweak is None else logical_tweak + ext.logical // PAGE_SIZE
-        client.map(offset, ext.length, keyid, tweak)
-        done.append((offset, ext.length))
-    return done
+    # Every extent is checked before the first MAP: a bad one refuses the whole
+    # call with no page re-keyed (encrypt_mprotect is all or nothing).
+    planned = [(area.offset(ext), ext.length,
+                None if logical_tweak is None else logical_tweak + ext.logical // PAGE_SIZE)
+               for ext in page_extents(extents)]
+    for offset, length, tweak in planned:
+        client.map(offset, length, keyid, tweak)
+    return [(offset, length) for offset, length, _ in planned]
 
 
 def flush_extents(client: Client, extents: list[Extent]) -> int:

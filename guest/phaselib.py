@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from mktme_emu.protocol import Client, KeyCommand, KeyStatus, key_program
+from mktme_emu.usage import read_secret
 
 from .argtypes import integer
-from .errors import KeyRefused
+from .errors import KeyRefused, MktmeError
 from .physaddr import PAGE_SIZE, Extent
 
 RESULT_PREFIX = "MKTME-RESULT "
@@ -81,10 +82,9 @@ def key_file(path: str) -> str:
     where the path belongs, the path.
     """
     try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise argparse.ArgumentTypeError(f"cannot read the key file ({type(exc).__name__})") from None
+        return read_secret(path, "key file")
+    except MktmeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_key_arguments(parser: argparse.ArgumentParser, keyid: int, *, key: str = TEST_KEY,

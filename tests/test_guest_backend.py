@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mktme_emu.protocol import HEADER, Client, Request, encode
+from backend_helpers import xts_reference
+from mktme_emu.protocol import Client, Request, encode
 from mktme_guest import channel, cli, dax, phase_keys, phases
-from mktme_guest.phaselib import TEST_KEY, parse_result
+from mktme_guest.phaselib import TEST_KEY, parse_result, program_user
 from mktme_guest.physaddr import PAGE_SIZE, Extent
 
 BASE, SIZE = 0x100000000, 64 << 20
@@ -168,11 +169,23 @@ def test_connect_from_the_environment(serve: Callable[..., Served], monkeypatch:
 
 def test_map_extents_and_flush_for_real(serve: Callable[..., Served]) -> None:
     served = serve()
+    secret = os.urandom(2 * PAGE_SIZE)
     with channel.connect(served.channel) as client:
-        dax.map_extents(client, [Extent(BASE + 0x3000, 0x2000, 0)], 0, logical_tweak=None)
-        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 10)]) >= 0
-        assert [p.keyid for p in client.inspect(0x3000, 2)] == [0, 0]
-    assert HEADER.size == 24
+        program_user(client, 2, TEST_KEY)
+        done = dax.map_extents(client, [Extent(BASE + 0x3000, 0x2000, 0)], 2)
+        assert done == [(0x3000, 0x2000)]
+        assert [p.keyid for p in client.inspect(0x2000, 4)] == [0, 2, 2, 0]
+        with open(served.view, "r+b") as view:  # the guest writes through its mapping
+            view.seek(0x3000)
+            view.write(secret)
+        # A flush of a 10-byte extent covers its whole first page, and only it.
+        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 10)]) == 1
+        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 0x2000)]) == 1
+        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 0x2000)]) == 0
+    key = bytes.fromhex(TEST_KEY.replace(":", ""))
+    expected = xts_reference(key, secret, range(BASE + 0x3000, BASE + 0x5000, 64), 64)
+    media = (served.state / "media").read_bytes()[0x3000:0x5000]
+    assert media == expected and secret not in media
 
 
 # -- phases on the view ---------------------------------------------------------------------------

@@ -50,6 +50,16 @@ def test_map_extents_refuses_what_is_not_on_the_nvdimm() -> None:
     assert client.calls == []
 
 
+def test_map_extents_checks_every_extent_before_the_first_map() -> None:
+    # encrypt_mprotect over several extents is all or nothing: a bad third extent
+    # must not leave the first two with the new KeyID (issue 8).
+    client = FakeClient()
+    extents = [Extent(BASE, 0x1000, 0), Extent(BASE + 0x3000, 0x1000, 0x1000), Extent(0x7000, 0x1000, 0x2000)]
+    with pytest.raises(ResolveError, match="not on the NVDIMM"):
+        dax.map_extents(client, extents, 1)  # type: ignore[arg-type]
+    assert client.calls == []
+
+
 def test_page_extents() -> None:
     tail = [Extent(BASE, 0x1000, 0), Extent(BASE + 0x4000, 0x800, 0x1000)]
     assert dax.page_extents(tail, round_tail=True)[-1] == Extent(BASE + 0x4000, 0x1000, 0x1000)

@@ -20,8 +20,9 @@ from ..errors import ConfigError, StateError
 from ..hardening import harden_process
 from ..keytable import DEFAULT_KEYID_BITS, TmePolicy
 from ..service import ServiceConfig, run_backend
+from ..usage import read_secret
 from . import args as types
-from . import daemon, keyfiles, xts_command
+from . import daemon, xts_command
 
 log = logging.getLogger("mktme_emu")
 ADMIN_SOCKET, GUEST_SOCKET = "control.sock", "guest.sock"
@@ -175,8 +176,8 @@ def _add_key(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 def key_program_from_args(args: argparse.Namespace) -> p.KeyProgram:
     """The struct the key command's options describe (reading a key file if one is named)."""
-    user = keyfiles.read_secret(args.user_file, "--user-file") if args.user_file else args.user
-    options = (keyfiles.read_secret(args.options_file, "--options-file") if args.options_file
+    user = read_secret(args.user_file, "--user-file") if args.user_file else args.user
+    options = (read_secret(args.options_file, "--options-file") if args.options_file
                else args.options)
     return p.key_program_from_choice(args.keyid, args.alg, user=user, random=args.random,
                                      clear=args.clear, options=options)

@@ -1,41 +1,14 @@
-"""Keys from files (or stdin) instead of argv, and the ``xts`` key forms.
+"""The ``xts`` key forms.
 
-A key on the command line is readable by every user in /proc/PID/cmdline;
-``--user-file``, ``--options-file`` and ``--key-file`` hold the same text as
-the inline options.  No message here ever quotes what a file holds.
+Key files themselves (``--user-file``, ``--options-file``, ``--key-file``:
+a key on the command line is readable by every user in /proc/PID/cmdline)
+are read by :func:`mktme_emu.usage.read_secret`, shared with the guest.
 """
 
 from __future__ import annotations
 
-import sys
-
 from ..crypto import XtsKey
-from ..errors import ConfigError, CryptoError
-
-MAX_KEY_TEXT = 4096  # far more than any key form; a wrong file is refused, not slurped
-
-
-def read_secret(path: str, option: str) -> str:
-    """The text of a key file (``-`` = stdin), surrounding whitespace removed.
-
-    Raises ConfigError naming the option and the path (never the content) if
-    the file cannot be read, is not text, or is far longer than a key.
-    """
-    try:
-        if path == "-":
-            raw = sys.stdin.buffer.read(MAX_KEY_TEXT + 1)
-        else:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_KEY_TEXT + 1)
-    except OSError as exc:
-        raise ConfigError(f"{option}: cannot read the file: {exc.strerror or exc}") from None
-    where = "stdin" if path == "-" else "the file"  # never its name: a key typed there by mistake
-    if len(raw) > MAX_KEY_TEXT:
-        raise ConfigError(f"{option}: {where} is longer than {MAX_KEY_TEXT} bytes: not a key file")
-    try:
-        return raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{option}: {where} is not text") from None
+from ..errors import CryptoError
 
 
 def xts_key(text: str) -> XtsKey:

@@ -13,6 +13,7 @@ import sys
 from ..crypto import DEFAULT_UNIT
 from ..errors import ConfigError
 from ..hardening import harden_process
+from ..usage import read_secret
 from ..xts_stream import TweakStep, xts_stream
 from . import args as types
 from . import keyfiles
@@ -52,7 +53,7 @@ def _xts(args: argparse.Namespace) -> int:
     harden_process()
     if args.key_file == "-":
         raise ConfigError("--key-file - cannot read the key from stdin: stdin carries the data")
-    text = keyfiles.read_secret(args.key_file, "--key-file") if args.key_file else args.key
+    text = read_secret(args.key_file, "--key-file") if args.key_file else args.key
     key = keyfiles.xts_key(text)
     try:
         with open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) as src, \
