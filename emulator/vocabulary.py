@@ -156,3 +156,28 @@ def keyid_problem(keyid: int, keyid_bits: int = DEFAULT_KEYID_BITS, *,
         first = 1 if programmable else 0
         return f"KeyID {keyid} is out of range: {first}..{last} with {keyid_bits} KeyID bits"
     return None
+
+
+# -- scenario phase results: the one line a guest phase prints for the host ------------------
+
+PHASE_RESULT_PREFIX = "MKTME-RESULT "
+
+
+def phase_result_line(result: dict[str, object]) -> str:
+    """The line a guest phase prints: the prefix, then its result as compact JSON."""
+    import json
+
+    return PHASE_RESULT_PREFIX + json.dumps(result, sort_keys=True, separators=(",", ":"))
+
+
+def phase_results(text: str) -> list[dict[str, object]]:
+    """Every phase result in a console or stdout, in order (anything before the prefix on a
+    line, such as kernel messages interleaved on a serial console, is ignored)."""
+    import json
+
+    results = []
+    for line in text.replace("\r", "").splitlines():
+        start = line.find(PHASE_RESULT_PREFIX)
+        if start >= 0:
+            results.append(dict(json.loads(line[start + len(PHASE_RESULT_PREFIX):])))
+    return results

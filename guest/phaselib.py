@@ -23,12 +23,12 @@ from typing import Any, TextIO
 
 from mktme_emu.protocol import Client, KeyCommand, KeyStatus, key_program
 from mktme_emu.usage import read_secret
+from mktme_emu.vocabulary import phase_result_line, phase_results
 
 from .argtypes import integer
 from .errors import KeyRefused, MktmeError
 from .physaddr import PAGE_SIZE, Extent
 
-RESULT_PREFIX = "MKTME-RESULT "
 # Test keys (XTS-128: data key : tweak key). Not secrets: the host needs them to
 # compute expected ciphertext, and phases in later boots must program them again.
 TEST_KEY = "000102030405060708090a0b0c0d0e0f:101112131415161718191a1b1c1d1e1f"
@@ -140,13 +140,11 @@ def emit(result: Result, as_json: bool, out: TextIO | None = None) -> None:
         expected = row.get("expected")
         mark = "" if expected in (None, row["outcome"]) else f"   (expected {expected})"
         print(f"  {row['case']:34} {row['outcome']}{mark}", file=out)
-    print(RESULT_PREFIX + json.dumps(result, sort_keys=True, separators=(",", ":")), file=out)
+    print(phase_result_line(result), file=out)
     out.flush()
 
 
 def parse_result(stdout: str) -> Result:
     """The result of a phase from its stdout (either form); for host-side callers and tests."""
-    for line in reversed(stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return dict(json.loads(line[len(RESULT_PREFIX):]))
-    return dict(json.loads(stdout))
+    found = phase_results(stdout)
+    return found[-1] if found else dict(json.loads(stdout))

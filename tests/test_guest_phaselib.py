@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mktme_emu.vocabulary import PHASE_RESULT_PREFIX
 from mktme_guest import phase_keys, phaselib, system
 from mktme_guest.errors import CommandFailed, DeviceError
 
@@ -40,7 +41,7 @@ def test_emit_and_parse_both_forms() -> None:
     lines = text.getvalue().splitlines()
     assert lines[0] == "phase x: UNEXPECTED"
     assert "(expected intact)" in lines[2]
-    assert lines[-1].startswith(phaselib.RESULT_PREFIX)
+    assert lines[-1].startswith(PHASE_RESULT_PREFIX)
     noisy = "[   1.0] kernel says hi\n" + text.getvalue() + "\n"
     assert phaselib.parse_result(noisy) == result
     text = io.StringIO()

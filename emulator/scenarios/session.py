@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shlex
 from collections.abc import Callable, Sequence
@@ -14,8 +13,8 @@ from ..errors import MktmeError
 from ..vm.boot import LaunchOptions, launch
 from ..vm.emulated import EmulatedNvdimm, EmulatorOptions
 from ..vm.launcher import RunRequest
+from ..vocabulary import phase_results
 
-RESULT_PREFIX = "MKTME-RESULT "
 BOOT_TIMEOUT = 900.0
 Progress = Callable[[str], None]
 
@@ -112,7 +111,7 @@ class Dimm:
             backend.close()
         if result.bases:
             self.base = result.bases[0]
-        found = _results(result.output)
+        found = phase_results(result.output)
         if result.panicked or result.init_error or len(found) != len(phases):
             raise ScenarioError(f"{self.name}: boot {self.boots} ({names}): {result.describe()}, "
                                 f"{len(found)} of {len(phases)} phases reported a result",
@@ -120,10 +119,3 @@ class Dimm:
         return found
 
 
-def _results(console: str) -> list[dict[str, object]]:
-    results = []
-    for line in console.replace("\r", "").splitlines():
-        start = line.find(RESULT_PREFIX)
-        if start >= 0:
-            results.append(json.loads(line[start + len(RESULT_PREFIX):]))
-    return results
