@@ -203,17 +203,17 @@ class MemoryController:
         log.warning("NVDIMM base moved from %#x to %#x%s", self.base, base,
                     " (spa tweaks: ciphertext will not decrypt at the new place)"
                     if self.config.tweak is TweakMode.SPA else "")
-        keyed = self._move.keyed_ranges(0, self.config.pages)  # the rest ignore tweaks
-        for start, end in keyed:
+        moved = self._move.tweak_dependent_ranges(0, self.config.pages)  # the rest keep their view
+        for start, end in moved:
             self._move.write_back(start, end)
         self.media.sync()
         old, self._move.base = self.base, base
         try:
-            self._persist(pending=keyed)
+            self._persist(pending=moved)
         except BaseException:
             self._move.base = old  # memory stays as the disk has it
             raise
-        self.finish_fill(keyed)
+        self.finish_fill(moved)
 
     def inspect(self, offset: int, count: int = 1) -> list[PageInfo]:
         """Per-page KeyID, kind, lock and whether media == write-back(view)."""

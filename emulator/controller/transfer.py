@@ -162,7 +162,7 @@ class Transfer:
             else:
                 yield from ((page, page + 1, keyid) for page in range(run_start, run_end))
 
-    def keyed_ranges(self, start: int, end: int) -> list[Range]:
+    def tweak_dependent_ranges(self, start: int, end: int) -> list[Range]:
         """The runs of pages whose KeyID encrypts or lost its key: the only ones a
         move of the base must refill (bypass and no-encrypt views ignore tweaks;
         a lost key's pages show the media as it is, as a fill makes them)."""
