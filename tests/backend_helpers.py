@@ -83,14 +83,14 @@ class Backend:
     def __init__(self, root: Path, *, size: int | str = "8M", base: int | None = DEFAULT_BASE,
                  tweak: str | None = None, tme: str | None = None, unit: int | None = None,
                  label_size: int | str | None = None, keyid_bits: int | None = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, rewrite_at: str | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.state_dir = root / "state"
         self.view_path = root / "view"
         self.options: dict[str, object] = {
             "size": size, "base": base, "tweak": tweak, "tme": tme, "unit": unit,
-            "label_size": label_size, "keyid_bits": keyid_bits}
+            "label_size": label_size, "keyid_bits": keyid_bits, "rewrite_at": rewrite_at}
         self.verbose = verbose
         self.size = _parse_size(size)
         self.label_size = _parse_size(label_size) if label_size is not None else 0
@@ -129,7 +129,8 @@ class Backend:
         if o["base"] is not None:
             cmd += ["--base", hex(int(o["base"]))]  # type: ignore[call-overload]
         for name, flag in (("tweak", "--tweak"), ("tme", "--tme"), ("unit", "--unit"),
-                           ("label_size", "--label-size"), ("keyid_bits", "--keyid-bits")):
+                           ("label_size", "--label-size"), ("keyid_bits", "--keyid-bits"),
+                           ("rewrite_at", "--rewrite-at")):
             if o[name] is not None:
                 cmd += [flag, str(o[name])]
         return cmd

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from fault_io import FaultyIO
 from mktme_emu.controller import ControllerConfig, open_controller
+from mktme_emu.controller.media import REWRITE_FILE
 from mktme_emu.fileio import FileIO
 from mktme_emu.protocol import Client
 from mktme_emu.service import Backend, ServiceConfig
 
 
 class SlowMediaSync(FaultyIO):
-    """The real OS, but every fdatasync of the media takes ``delay`` seconds (a slow disk)."""
+    """The real OS, but every fdatasync of the media (or of a rewritten media file,
+    see emulator/controller/media.py) takes ``delay`` seconds: a slow disk."""
 
     def __init__(self, delay: float) -> None:
         super().__init__()
@@ -23,7 +25,7 @@ class SlowMediaSync(FaultyIO):
 
     def fdatasync(self, fd: int) -> None:
         path = self.path_of(fd)
-        if path is not None and path.name == "media":
+        if path is not None and path.name in ("media", REWRITE_FILE):
             time.sleep(self.delay)
         super().fdatasync(fd)
 

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from fault_io import Call, Died, FaultyIO
 from mktme_emu.controller import ControllerConfig, MemoryController, open_controller
+from mktme_emu.controller.config import DEFAULT_REWRITE_AT
 from mktme_emu.controller.digest import CHUNK_BYTES
+from mktme_emu.controller.media import REWRITE_FILE
 from mktme_emu.controller.persist import load_metadata
 from mktme_emu.controller.progress import Activity
 from mktme_emu.controller.results import RelocateMode
@@ -31,9 +33,10 @@ PAGE = 4096
 BASE = 0x100000000
 
 
-def config(tmp_path: Path, size: int = SIZE, view: str = "view") -> ControllerConfig:
+def config(tmp_path: Path, size: int = SIZE, view: str = "view",
+           rewrite_at: float | None = DEFAULT_REWRITE_AT) -> ControllerConfig:
     return ControllerConfig(state_dir=tmp_path / "state", size=size, base=BASE,
-                            view_path=tmp_path / view)
+                            view_path=tmp_path / view, rewrite_at=rewrite_at)
 
 
 def media(tmp_path: Path) -> bytes:
@@ -182,7 +185,7 @@ def test_digests_are_recorded_only_for_batches_that_reached_the_media(tmp_path: 
                 return "eio"
         return None
 
-    c = open_controller(config(tmp_path, size), io=FaultyIO(fail_second_journal_record))
+    c = open_controller(config(tmp_path, size, rewrite_at=None), io=FaultyIO(fail_second_journal_record))
     c.view.data[:] = b"\x5a" * size
     records.clear()
     rule["fail_at"] = 2
@@ -192,6 +195,32 @@ def test_digests_are_recorded_only_for_batches_that_reached_the_media(tmp_path: 
     c.flush()  # whatever the failed flush wrote or not, the retry leaves nothing out
     assert media(tmp_path) == b"\x5a" * size
     assert c.flush().written == 0
+    c.close()
+
+
+def test_a_rewrite_that_fails_is_redone_through_the_journal(tmp_path: Path) -> None:
+    """A new media file that cannot be written (a full disk) changes nothing: the same
+    write-back goes through the journal, the flush is answered, the file is gone."""
+    size = 24 << 20
+    fails = {"on": True}
+
+    def full_disk_for_new_files(call: Call) -> str | None:
+        new_file = call.path is not None and call.path.name == REWRITE_FILE
+        return "enospc" if fails["on"] and new_file and call.name == "pwritev" else None
+
+    io = FaultyIO(full_disk_for_new_files)
+    c = open_controller(config(tmp_path, size, rewrite_at=0.0), io=io)
+    c.view.data[:] = b"\x5a" * size
+    assert c.flush().written == size // PAGE  # answered: through the journal
+    assert io.fired is not None and io.fired.path is not None and io.fired.path.name == REWRITE_FILE
+    assert media(tmp_path) == b"\x5a" * size
+    assert not (tmp_path / "state" / REWRITE_FILE).exists()
+    journaled = [call for call in io.calls if call.path is not None and call.path.name == "journal"]
+    assert journaled, "the retry did not go through the journal"
+    fails["on"] = False
+    c.view.data[:PAGE] = b"\xa5" * PAGE
+    assert c.flush().written == 1
+    assert media(tmp_path)[:PAGE] == b"\xa5" * PAGE
     c.close()
 
 
@@ -293,7 +322,7 @@ def test_media_sync_is_skipped_only_when_every_media_write_was_synced(tmp_path: 
         return call.name == "fdatasync" and call.path is not None and call.path.name == "media"
 
     io = FaultyIO(lambda call: rule["action"] if media_sync(call) else None)
-    c = open_controller(config(tmp_path), io=io)
+    c = open_controller(config(tmp_path, rewrite_at=None), io=io)  # the journal's media syncs
     c.media.sync()
     before = sum(media_sync(call) for call in io.calls)
     c.media.sync()  # nothing written since: no barrier

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import protocol as p
 from ..controller import ControllerConfig, TweakMode, open_controller
+from ..controller.config import DEFAULT_REWRITE_AT
 from ..controller.persist import load_metadata
 from ..crypto import DEFAULT_UNIT
 from ..errors import ConfigError, StateError
@@ -77,7 +78,24 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     cmd.add_argument("--view", type=Path, help="view file (a per-state-dir file in /dev/shm)")
     cmd.add_argument("--daemon", action="store_true",
                      help="return once ready, printing the pid (default: stay in the foreground)")
+    cmd.add_argument("--rewrite-at", type=_rewrite_at, default=DEFAULT_REWRITE_AT, metavar="FRACTION",
+                     help="a write-back whose changes reach this fraction of the media's data "
+                          "rewrites the media file (each byte written once, needs that much free "
+                          f"space) instead of journaling (each changed page twice); default "
+                          f"{DEFAULT_REWRITE_AT}, 0 = whenever anything changed, never = always journal")
     cmd.set_defaults(func=_serve)
+
+
+def _rewrite_at(text: str) -> float | None:
+    if text == "never":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("expected a fraction >= 0 or 'never'")
+    return value
 
 
 def serve_config(args: argparse.Namespace) -> ControllerConfig:
@@ -95,7 +113,7 @@ def serve_config(args: argparse.Namespace) -> ControllerConfig:
         label_size=int(pick("label_size", 0)), base=args.base,  # type: ignore[call-overload]
         unit=int(pick("unit", DEFAULT_UNIT)), tweak=TweakMode(pick("tweak", "spa")),  # type: ignore[call-overload]
         keyid_bits=int(pick("keyid_bits", DEFAULT_KEYID_BITS)),  # type: ignore[call-overload]
-        tme=TmePolicy(pick("tme", "bypass")), view_path=view)
+        tme=TmePolicy(pick("tme", "bypass")), view_path=view, rewrite_at=args.rewrite_at)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ PAGE_SIZE = 4096
 # QEMU places the NVDIMM label area at the end of the backing memory; the
 # kernel wants namespaces aligned to 2 MiB for fsdax, so the data area is too.
 SIZE_ALIGN = 2 * 1024 * 1024
+DEFAULT_REWRITE_AT = 0.625
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,14 @@ class ControllerConfig:
 
     ``base`` None means "keep the base stored in the state directory" (0
     for a new device); the launcher sets the real one from QMP.
+
+    ``rewrite_at`` tunes how write-backs reach the media, not the device
+    (it is not stored): a write-back rewrites the media file instead of
+    journaling once the pages it changes (projected from those found so far)
+    reach this fraction of the pages holding data.  Journaling writes each
+    changed page twice, a rewrite writes the whole media once (copying what
+    did not change), so 0.625 picks whichever writes fewer bytes with a
+    margin for the copy.  0 rewrites whenever anything changed; None never.
     """
 
     state_dir: Path
@@ -34,6 +43,7 @@ class ControllerConfig:
     keyid_bits: int = DEFAULT_KEYID_BITS
     tme: TmePolicy = TmePolicy.BYPASS
     view_path: Path | None = None
+    rewrite_at: float | None = DEFAULT_REWRITE_AT
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % SIZE_ALIGN:
@@ -51,6 +61,8 @@ class ControllerConfig:
         if self.tweak is TweakMode.DUN and self.unit != PAGE_SIZE:
             raise ConfigError(f"dun tweak mode has one data unit per page: it needs unit {PAGE_SIZE}, "
                               f"got {self.unit}")
+        if self.rewrite_at is not None and not self.rewrite_at >= 0:
+            raise ConfigError(f"rewrite_at must be a fraction >= 0 or None, got {self.rewrite_at}")
         if not MIN_KEYID_BITS <= self.keyid_bits <= MAX_KEYID_BITS:
             raise ConfigError(f"keyid bits must be {MIN_KEYID_BITS}..{MAX_KEYID_BITS}")
 

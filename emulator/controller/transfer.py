@@ -14,9 +14,12 @@ and are filled with the cells as they are.  Not thread-safe.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import enum
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 
@@ -27,12 +30,14 @@ from .digest import CHUNK_BYTES as DIGEST_CHUNK_BYTES
 from .digest import CHUNK_PAGES as DIGEST_CHUNK_PAGES
 from .digest import ChunkDigests
 from .fastio import data_extents, pread_exact, pwrite_exact, zero_range
-from .media import JOURNAL_BATCH_PAGES, Media
+from .media import JOURNAL_BATCH_PAGES, Media, MediaRewrite
 from .pagetable import PageTable, Range
 from .persist import JOURNAL_MAX_BATCH_PAGES, PageState
 from .progress import Activity
 from .results import PageInfo, Stats
 from .view import View
+
+log = logging.getLogger(__name__)
 
 # Pages handled per round (a window): bounds the scratch buffers (4 x 4 MiB).
 # A multiple of the digest chunk, so windows split no chunk but at a range's ends.
@@ -49,30 +54,30 @@ class Filled(enum.Enum):
 
 
 class _Pipeline:
-    """Journal and media writes on a thread of their own, one batch at a time.
+    """Media writes on a thread of their own, one batch at a time.
 
     The write-back loop reads, digests and encrypts the next batch while the
-    previous one is written and fdatasync'd (the syscalls release the GIL).
-    Batches are committed in order, never two at once (the journal has one
-    record); :meth:`submit` waits for the previous batch and re-raises its
-    error.  Leaving the ``with`` block waits for the batch in flight, so no
-    write is ever left running behind a caller's back.
+    previous one is written (and, through the journal, fdatasync'd) on the
+    thread (the syscalls release the GIL).  Batches are committed in order,
+    never two at once (the journal has one record); :meth:`submit` waits for
+    the previous batch and re-raises its error.  Leaving the ``with`` block
+    waits for the batch in flight, so no write is ever left running behind a
+    caller's back.
     """
 
-    def __init__(self, commit: Callable[[list[tuple[int, memoryview]], list[Verified]], int]) -> None:
-        self._commit = commit
+    def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[int] | None = None
         self._written = 0
 
-    def submit(self, pages: list[tuple[int, memoryview]], verified: list[Verified]) -> None:
+    def submit(self, commit: _Sink, pages: list[tuple[int, memoryview]], verified: list[Verified]) -> None:
         self.wait()
         if self._executor is None and not pages:  # nothing to write: no thread needed
-            self._written += self._commit(pages, verified)
+            self._written += commit.commit(pages, verified)
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="write-back")
-        self._inflight = self._executor.submit(self._commit, pages, verified)
+        self._inflight = self._executor.submit(commit.commit, pages, verified)
 
     def wait(self) -> int:
         """Wait for the batch in flight; the pages written so far."""
@@ -95,6 +100,51 @@ class _Pipeline:
 
 # Digests of whole chunks from a first chunk, and which of them to record.
 Verified = tuple[int, np.ndarray, np.ndarray]
+
+
+class _RewriteAbandoned(Exception):
+    """The new media file could not be written (before its rename): nothing changed."""
+
+
+class _Sink(Protocol):
+    def commit(self, pages: list[tuple[int, memoryview]], verified: list[Verified]) -> int: ...
+
+
+class _JournalSink:
+    """Pages go through the journal, durable batch by batch; digests recorded per batch."""
+
+    def __init__(self, transfer: Transfer) -> None:
+        self._transfer = transfer
+
+    def commit(self, pages: list[tuple[int, memoryview]], verified: list[Verified]) -> int:
+        return self._transfer._commit_pages(pages, verified)
+
+
+class _RewriteSink:
+    """Pages go to a new media file: durable, and their digests recorded, only at :meth:`install`."""
+
+    def __init__(self, transfer: Transfer, rewrite: MediaRewrite) -> None:
+        self._transfer = transfer
+        self._rewrite = rewrite
+        self._deferred: list[Verified] = []
+
+    def commit(self, pages: list[tuple[int, memoryview]], verified: list[Verified]) -> int:
+        try:
+            self._rewrite.write_pages(pages)
+        except OSError as exc:
+            raise _RewriteAbandoned(str(exc)) from exc
+        self._transfer._media_written(pages)
+        self._transfer.stats.pages_written_back += len(pages)
+        self._deferred.extend(verified)
+        return len(pages)
+
+    def install(self) -> None:
+        try:
+            self._rewrite.complete()
+        except OSError as exc:
+            raise _RewriteAbandoned(str(exc)) from exc
+        self._rewrite.install()
+        self._transfer._record_verified(self._deferred)
 
 
 class Transfer:
@@ -294,22 +344,71 @@ class Transfer:
         media (exact), and only differing pages are written.  Digests are
         recorded only once the pages they vouch for are durable.  Pages of a
         LOST KeyID are never written.
+
+        Changed pages go through the journal, or, once the changes found so
+        far promise to cover most of the media, into a rewritten media file
+        (see :mod:`.media`); a rewrite that cannot be written (a full disk)
+        is abandoned and the write-back done again through the journal.
         """
+        try:
+            return self._write_back(start, end, may_rewrite=self.config.rewrite_at is not None)
+        except _RewriteAbandoned as exc:
+            log.warning("write-back: the new media file could not be written (%s); "
+                        "writing through the journal instead", exc)
+            return self._write_back(start, end, may_rewrite=False)
+
+    def _write_back(self, start: int, end: int, may_rewrite: bool) -> int:
         dirty: list[tuple[int, memoryview]] = []
         verified: list[Verified] = []
+        sink: _Sink = _JournalSink(self)
+        scanned = found = 0
         self.activity.begin("write-back", (end - start) * PAGE_SIZE)
-        with _Pipeline(self._commit_pages) as commits:
+        with _Pipeline() as commits, contextlib.ExitStack() as cleanup:
             try:
-                for a, b, plain in self._read_ahead(list(self._windows(start, end))):
+                windows = list(self._windows(start, end))
+                for i, (a, b, plain) in enumerate(self._read_ahead(windows)):
                     dirty.extend(self._write_back_window(a, b, plain, verified))
-                    if len(dirty) > self._batch - CHUNK_PAGES:  # the next window could overflow
-                        commits.submit(dirty, verified)
+                    scanned += b - a
+                    last = i + 1 == len(windows)
+                    if last or len(dirty) > self._batch - CHUNK_PAGES:  # the next window could overflow
+                        found += len(dirty)
+                        if may_rewrite and isinstance(sink, _JournalSink) and \
+                                self._rewrite_pays(found, scanned, end - start):
+                            sink = self._begin_rewrite(cleanup) or sink
+                        commits.submit(sink, dirty, verified)
                         dirty, verified = [], []
                     self.activity.advance((b - a) * PAGE_SIZE)
-                commits.submit(dirty, verified)
-                return commits.wait()
+                written = commits.wait()
+                if isinstance(sink, _RewriteSink):
+                    sink.install()
+                return written
             finally:
                 self.activity.end()
+
+    def _rewrite_pays(self, found: int, scanned: int, total: int) -> bool:
+        """Will rewriting the media file write less than journaling the changes twice?
+
+        ``found`` changed pages in the first ``scanned`` of ``total`` pages:
+        the rest is projected at the same rate, against the pages the media
+        holds data in (a rewrite copies those it does not replace).
+        """
+        if not found or self.config.rewrite_at is None:
+            return False
+        projected = found * total / max(scanned, 1)
+        holding_data = int(np.count_nonzero(~self._media_hole)) * DIGEST_CHUNK_PAGES
+        return projected >= self.config.rewrite_at * holding_data
+
+    def _begin_rewrite(self, cleanup: contextlib.ExitStack) -> _RewriteSink | None:
+        holding_data = int(np.count_nonzero(~self._media_hole)) * DIGEST_CHUNK_PAGES
+        try:
+            rewrite = self.media.begin_rewrite(min(holding_data * PAGE_SIZE, self.media.size))
+        except OSError as exc:
+            log.warning("write-back: cannot start a new media file (%s); using the journal", exc)
+            return None
+        if rewrite is None:
+            return None
+        cleanup.enter_context(rewrite)
+        return _RewriteSink(self, rewrite)
 
     def _read_ahead(self, windows: list[Range]) -> Iterator[tuple[int, int, memoryview]]:
         """(a, b, the view's bytes of window [a, b)), the next window read on a thread
@@ -392,9 +491,13 @@ class Transfer:
             self._media_written(pages)
             self.media.write_pages(pages, batch_pages=self._batch)
             self.stats.pages_written_back += len(pages)
-        for first, digests, which in verified or []:
-            self.digests.set(first, digests, which)
+        self._record_verified(verified or [])
         return len(pages)
+
+    def _record_verified(self, verified: list[Verified]) -> None:
+        """The chunks these digests vouch for are durable on the media: trust them."""
+        for first, digests, which in verified:
+            self.digests.set(first, digests, which)
 
     # -- relocation --------------------------------------------------------------
 
