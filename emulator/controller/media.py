@@ -157,6 +157,7 @@ class Media:
     def _swap(self, new_path: Path) -> None:
         """Rename ``new_path`` (complete and durable) over the media file; reopen it."""
         path = self.state_dir / MEDIA_FILE
+        self.journal.retire_durably()  # no stale record may replay over the new file
         self._io.rename(new_path, path)
         # From the rename on, every read and journal write must reach the new
         # file, even if what follows fails: the old inode is gone from the name.

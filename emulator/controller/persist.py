@@ -10,7 +10,8 @@ Journal (``journal``): the double-write buffer that makes media writes
 torn-page-free.  A batch of pages is written to the journal with a CRC and
 made durable *before* any of them touches the media; after a crash the last
 valid batch is written again (idempotent).  Every media write goes through
-it, so the newest valid record is always the batch in flight.
+it, but a rewrite of the whole media file (see :mod:`.media`), which first
+retires the journal durably: so a valid record is always the batch in flight.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ class Journal:
         self._io = io
         self._fd = io.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._sequence = 0
+        self._durably_retired = -1  # unknown at start: the first rewrite syncs a retire
 
     def close(self) -> None:
         self._io.close(self._fd)
@@ -181,6 +183,17 @@ class Journal:
     def retire(self) -> None:
         """Mark the batch applied (a lost retire only means an idempotent replay)."""
         write_all(self._io, self._fd, bytes(_JR_HEAD.size), 0)
+
+    def retire_durably(self) -> None:
+        """Retire, and make it survive a power loss, if a record was written since the
+        last durable retire.  Needed before the media changes other than through the
+        journal (a rewrite of the media file): a replay is idempotent only while every
+        media write goes through the journal, and a stale record would put older pages
+        over the rewrite.  Blocks on fdatasync."""
+        if self._sequence != self._durably_retired:
+            self.retire()
+            self._io.fdatasync(self._fd)
+            self._durably_retired = self._sequence
 
     def pending(self, device_size: int, keyids: int) -> JournalRecord | None:
         """The last batch if it is complete and valid, else None.

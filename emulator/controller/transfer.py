@@ -363,7 +363,9 @@ class Transfer:
         sink: _Sink = _JournalSink(self)
         scanned = found = 0
         self.activity.begin("write-back", (end - start) * PAGE_SIZE)
-        with _Pipeline() as commits, contextlib.ExitStack() as cleanup:
+        # The pipeline is left first: no batch may still be writing to a new media
+        # file when the cleanup aborts (closes and removes) it.
+        with contextlib.ExitStack() as cleanup, _Pipeline() as commits:
             try:
                 windows = list(self._windows(start, end))
                 for i, (a, b, plain) in enumerate(self._read_ahead(windows)):
@@ -372,9 +374,10 @@ class Transfer:
                     last = i + 1 == len(windows)
                     if last or len(dirty) > self._batch - CHUNK_PAGES:  # the next window could overflow
                         found += len(dirty)
-                        if may_rewrite and isinstance(sink, _JournalSink) and \
-                                self._rewrite_pays(found, scanned, end - start):
-                            sink = self._begin_rewrite(cleanup) or sink
+                        new_file = self._rewrite_pays(found, scanned, end - start) \
+                            if may_rewrite and isinstance(sink, _JournalSink) else 0
+                        if new_file:
+                            sink = self._begin_rewrite(cleanup, new_file) or sink
                         commits.submit(sink, dirty, verified)
                         dirty, verified = [], []
                     self.activity.advance((b - a) * PAGE_SIZE)
@@ -385,23 +388,27 @@ class Transfer:
             finally:
                 self.activity.end()
 
-    def _rewrite_pays(self, found: int, scanned: int, total: int) -> bool:
+    def _rewrite_pays(self, found: int, scanned: int, total: int) -> int:
         """Will rewriting the media file write less than journaling the changes twice?
 
         ``found`` changed pages in the first ``scanned`` of ``total`` pages:
         the rest is projected at the same rate, against the pages the media
-        holds data in (a rewrite copies those it does not replace).
+        holds data in (a rewrite copies those it does not replace).  Returns
+        the pages the new file would hold, 0 when the journal is cheaper.
         """
         if not found or self.config.rewrite_at is None:
-            return False
-        projected = found * total / max(scanned, 1)
+            return 0
+        projected = found * total // max(scanned, 1)
         holding_data = int(np.count_nonzero(~self._media_hole)) * DIGEST_CHUNK_PAGES
-        return projected >= self.config.rewrite_at * holding_data
+        if projected < self.config.rewrite_at * holding_data:
+            return 0
+        return min(holding_data + projected, self.pages.pages)
 
-    def _begin_rewrite(self, cleanup: contextlib.ExitStack) -> _RewriteSink | None:
-        holding_data = int(np.count_nonzero(~self._media_hole)) * DIGEST_CHUNK_PAGES
+    def _begin_rewrite(self, cleanup: contextlib.ExitStack, pages: int) -> _RewriteSink | None:
+        """A sink into a new media file of about ``pages`` pages of data, or None
+        (no room for it, or it cannot be created): the journal then."""
         try:
-            rewrite = self.media.begin_rewrite(min(holding_data * PAGE_SIZE, self.media.size))
+            rewrite = self.media.begin_rewrite(pages * PAGE_SIZE)
         except OSError as exc:
             log.warning("write-back: cannot start a new media file (%s); using the journal", exc)
             return None
