@@ -28,6 +28,7 @@ import pytest
 from backend_helpers import xts_fast
 from fault_io import Died, NoSyncIO, PowerLossIO
 from mktme_emu.controller import ControllerConfig, MemoryController, RelocateMode, open_controller
+from mktme_emu.controller.media import REWRITE_FILE
 from mktme_emu.protocol import KeyCommand, key_program
 
 SIZE = 2 << 20
@@ -137,6 +138,7 @@ def allowed(index: int, keyid_now: int, op: Operation) -> set[bytes]:
 
 def check_restart(root: Path, op: Operation, acknowledged: bool, where: str) -> None:
     c = open_controller(config(root), io=NoSyncIO())  # the real files, no faults
+    assert not (root / "state" / REWRITE_FILE).exists(), f"{where}: an interrupted rewrite was left"
     keyids = c.page_keyid.copy()
     assert set(keyids[:HALF].tolist()) <= op.keyids_after, where
     assert len(set(keyids[:HALF].tolist())) == 1, f"{where}: KeyIDs of one request mixed"
