@@ -20,6 +20,8 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
 _ZEROS = bytes(4 * 1024 * 1024)
 
 
@@ -70,3 +72,12 @@ def data_extents(fd: int, offset: int, length: int) -> Iterator[tuple[int, int]]
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
         yield data, hole
         at = hole
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing [offset, offset+length) of ``fd`` to disk now,
+    without waiting (sync_file_range WRITE; Python's os has no binding).  Not a
+    durability barrier: the caller's fdatasync still is one.  It only keeps the disk
+    busy while the caller computes, so the final fdatasync finds little left to do.
+    Errors are ignored (a filesystem without it just writes back later)."""
+    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

@@ -25,15 +25,12 @@ import numpy as np
 from ..errors import StateError
 from ..fileio import IOV_MAX, OS_IO, FileIO, fsync_dir, pwritev_all, write_all
 from .config import PAGE_SIZE
-from .fastio import data_extents
+from .fastio import data_extents, start_writeback
 from .persist import JOURNAL_BATCH_PAGES, JOURNAL_FILE, Journal, JournalRecord, PageState
 
 MEDIA_FILE = "media"
 REWRITE_FILE = "media.new"  # a rewrite in progress; a start removes a leftover one
 LABEL_FILE = "label"
-# A rewrite fdatasyncs its new file every this many bytes, so the disk writes
-# while the next pages are encrypted instead of all at the end.
-REWRITE_SYNC_BYTES = 256 * 1024 * 1024
 # Free space a rewrite leaves the filesystem beyond its new file.
 REWRITE_SPARE_BYTES = 64 * 1024 * 1024
 _COPY_BYTES = 4 * 1024 * 1024
@@ -198,7 +195,6 @@ class MediaRewrite:
         self._io = io
         self.path = media.state_dir / REWRITE_FILE
         self._fresh = np.zeros(media.size // PAGE_SIZE, bool)  # pages already in the new file
-        self._unsynced = 0
         self._fd: int | None = io.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             io.ftruncate(self._fd, media.size)
@@ -207,14 +203,13 @@ class MediaRewrite:
             raise
 
     def write_pages(self, pages: Sequence[tuple[int, memoryview]]) -> None:
-        """Write whole pages (offset, 4 KiB) to the new file. Blocks on disk writes."""
+        """Write whole pages (offset, 4 KiB) to the new file, and start their writeback
+        (the disk writes while the next pages are encrypted; :meth:`complete` syncs)."""
         assert self._fd is not None
         for offset, run in _contiguous_runs(pages):
-            self._unsynced += pwritev_all(self._io, self._fd, run, offset)
+            written = pwritev_all(self._io, self._fd, run, offset)
             self._fresh[offset // PAGE_SIZE:offset // PAGE_SIZE + len(run)] = True
-        if self._unsynced >= REWRITE_SYNC_BYTES:
-            self._io.fdatasync(self._fd)
-            self._unsynced = 0
+            start_writeback(self._fd, offset, written)
 
     def complete(self) -> None:
         """Copy the old file's other data and make the new file durable (the old one still
