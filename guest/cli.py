@@ -9,27 +9,27 @@ into a one-line message on stderr and an exit status.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Sequence
 
-from mktme_emu.protocol import (
-    INSPECT_MAX_PAGES,
-    Client,
-    KeyProgram,
-    KeyStatus,
-    key_program_from_choice,
-)
 from mktme_emu.usage import OneLineParser, read_secret
+from mktme_emu.vocabulary import PAGE_SIZE
 
-# dax (ctypes, logging), phases (every scenario step) and logging are imported
-# by the commands that use them: under TCG each module costs the guest tens of
-# milliseconds, and `status` must stay cheap (tests/test_guest_imports.py).
-from . import channel, physaddr, system
+# Each command imports what it alone needs (json, physaddr, dax with ctypes and
+# logging, the key-program struct, the scenario phases): under TCG every module
+# costs the guest tens of milliseconds, and `status` must stay cheap
+# (tests/test_guest_imports.py pins what it may load).
+from . import channel, system
 from .argtypes import integer, size
 from .errors import KeyRefused, MktmeError, UsageError
-from .physaddr import PAGE_SIZE, Extent
+
+TYPE_CHECKING = False  # not typing's (see mktme_emu.protocol)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from mktme_emu.protocol import Client, KeyProgram, KeyStatus
+
+    from .physaddr import Extent
 
 EXIT_ERROR = 1
 
@@ -40,6 +40,8 @@ def _connect(args: argparse.Namespace) -> Client:
 
 def _print_extents(extents: list[Extent], base: int | None, as_json: bool, **extra: object) -> None:
     """Extents as a table (PA, data-area offset when known, length) or as JSON."""
+    import json
+
     rows = [{**e.as_dict(), **({"offset": e.pa - base} if base is not None else {})} for e in extents]
     if as_json:
         print(json.dumps({**extra, "extents": rows}, indent=2))
@@ -58,6 +60,8 @@ def _status(args: argparse.Namespace) -> int:
     info.pop("view", None)  # the guest role never learns the host's view path
     info["devices"] = system.nvdimm_devices()
     if args.json:
+        import json
+
         print(json.dumps(info, indent=2))
         return 0
     for name, value in info.items():
@@ -86,6 +90,8 @@ def _add_key_options(cmd: argparse.ArgumentParser) -> None:
 
 def _key_program(args: argparse.Namespace) -> KeyProgram:
     """The struct the options describe (reading a key file if one is named)."""
+    from mktme_emu.protocol import key_program_from_choice
+
     user = read_secret(args.user_file, "--user-file") if args.user_file else args.user
     options = (read_secret(args.options_file, "--options-file") if args.options_file
                else args.options)
@@ -101,6 +107,8 @@ def _refused(client: Client, program: KeyProgram, status: KeyStatus) -> KeyRefus
 
 def _key(args: argparse.Namespace) -> int:
     """Print the status (scripts read it); KeyRefused (exit 1) unless PROG_SUCCESS."""
+    from mktme_emu.protocol import KeyStatus
+
     program = _key_program(args)
     with _connect(args) as client:
         status = client.program_key(program)
@@ -112,6 +120,8 @@ def _key(args: argparse.Namespace) -> int:
 
 
 def _namespace_key(args: argparse.Namespace) -> int:
+    from mktme_emu.protocol import KeyStatus
+
     from . import dax
     device = args.device or system.default_device()
     program = _key_program(args)
@@ -141,7 +151,7 @@ def _add_where(cmd: argparse.ArgumentParser, verb: str, required: bool) -> None:
 
 def _where(args: argparse.Namespace) -> list[Extent]:
     """The physical extents the --pa/--file/--device options name (round_tail for files)."""
-    from . import dax
+    from . import dax, physaddr
     if args.file is not None:
         found = physaddr.file_extents(args.file, start=args.offset, length=args.length)
         return dax.page_extents(found, round_tail=True, hint=dax.FILE_HINT)
@@ -149,7 +159,7 @@ def _where(args: argparse.Namespace) -> list[Extent]:
         raise UsageError("--length is required with --pa and --device")
     if args.device is not None:
         return physaddr.dax_extents(args.device, args.offset, args.length)
-    return [Extent(args.pa, args.length)]
+    return [physaddr.Extent(args.pa, args.length)]
 
 
 def _map(args: argparse.Namespace) -> int:
@@ -176,6 +186,7 @@ def _flush(args: argparse.Namespace) -> int:
 
 def _relocate(args: argparse.Namespace) -> int:
     from . import dax
+    from .physaddr import Extent
     with _connect(args) as client:
         area = dax.DataArea.of(client)
         src = area.offset(Extent(args.src_pa, args.length))
@@ -185,7 +196,12 @@ def _relocate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from mktme_emu.protocol import INSPECT_MAX_PAGES
+
     from . import dax
+    from .physaddr import Extent
     with _connect(args) as client:
         area = dax.DataArea.of(client)
         offset = args.offset if args.offset is not None else area.offset(Extent(args.pa, 1))
@@ -232,17 +248,26 @@ def _resolve(args: argparse.Namespace) -> int:
 
 # -- the parser ------------------------------------------------------------------------------------
 
-def _add_simple_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+# Each command's parser is built by its own function, so that a command builds only
+# its own (argparse costs a TCG guest ~50 ms to build them all).
+Commands = argparse._SubParsersAction  # type: ignore[type-arg]
+
+
+def _add_status(commands: Commands) -> None:
     cmd = commands.add_parser("status", help="the emulated device, as the guest sees it")
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(func=_status)
 
+
+def _add_key(commands: Commands) -> None:
     cmd = commands.add_parser("key", help="program a KeyID (PCONFIG MKTME_KEY_PROGRAM)",
                               description="Prints the PCONFIG status; exits 1 unless PROG_SUCCESS. "
                                           "Keys are never echoed.")
     _add_key_options(cmd)
     cmd.set_defaults(func=_key)
 
+
+def _add_namespace_key(commands: Commands) -> None:
     cmd = commands.add_parser(
         "namespace-key", help="one key per namespace: program a KeyID, map the whole namespace",
         description="Program the key, then map everything the namespace's device exposes "
@@ -253,6 +278,8 @@ def _add_simple_commands(commands: argparse._SubParsersAction) -> None:  # type:
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(func=_namespace_key)
 
+
+def _add_relocate(commands: Commands) -> None:
     cmd = commands.add_parser("relocate", help="move data on the media (raw or keyed)")
     cmd.add_argument("--src-pa", required=True, type=size)
     cmd.add_argument("--dst-pa", required=True, type=size)
@@ -260,6 +287,8 @@ def _add_simple_commands(commands: argparse._SubParsersAction) -> None:  # type:
     cmd.add_argument("--mode", required=True, choices=("raw", "keyed"))
     cmd.set_defaults(func=_relocate)
 
+
+def _add_inspect(commands: Commands) -> None:
     cmd = commands.add_parser("inspect", help="pages side by side: KeyID, view, media, consistency")
     where = cmd.add_mutually_exclusive_group(required=True)
     where.add_argument("--pa", type=size, help="guest physical address")
@@ -269,7 +298,7 @@ def _add_simple_commands(commands: argparse._SubParsersAction) -> None:  # type:
     cmd.set_defaults(func=_inspect)
 
 
-def _add_range_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_map(commands: Commands) -> None:
     cmd = commands.add_parser("map", help="give whole pages a KeyID (emulated encrypt_mprotect)",
                               description="Map a physical range, a DAX file's blocks, or a devdax "
                                           "range with a KeyID. What they held reads as garbage "
@@ -280,11 +309,15 @@ def _add_range_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     cmd.add_argument("--json", action="store_true", help="print the mapped extents as JSON")
     cmd.set_defaults(func=_map)
 
+
+def _add_flush(commands: Commands) -> None:
     cmd = commands.add_parser("flush", help="write back what changed; durable on return",
                               description="Without a range: the whole device.")
     _add_where(cmd, "flush", required=False)
     cmd.set_defaults(func=_flush)
 
+
+def _add_resolve(commands: Commands) -> None:
     cmd = commands.add_parser("resolve", help="physical extents of a file or a devdax range",
                               description="FIEMAP + sysfs for a file, sysfs for a devdax range; "
                                           "with --mmap, mmap it and read /proc/self/pagemap "
@@ -300,11 +333,49 @@ def _add_range_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 PHASE_HELP = "run one guest-side step of a scenario (SPEC section 6)"
 
 
-def build_parser(with_phases: bool = True) -> argparse.ArgumentParser:
-    """The whole command line: global options, the commands, ``phase NAME``.
+def _add_phase_placeholder(commands: Commands) -> None:
+    """``phase`` for the list of commands; chosen, the full parser is built (phases.add_parser)."""
+    commands.add_parser("phase", help=PHASE_HELP)
 
-    ``with_phases=False`` lists ``phase`` without its sub-parsers (and without
-    importing every phase module): what a command other than ``phase`` needs.
+
+def _add_phases(commands: Commands) -> None:
+    from . import phases  # every scenario step: only for `phase`
+    phases.add_parser(commands)
+
+
+#: The commands in the order --help lists them.
+COMMANDS = {"status": _add_status, "key": _add_key, "namespace-key": _add_namespace_key,
+            "relocate": _add_relocate, "inspect": _add_inspect, "map": _add_map,
+            "flush": _add_flush, "resolve": _add_resolve, "phase": _add_phases}
+_GLOBAL_FLAGS = ("-v", "--verbose")
+_GLOBAL_VALUES = ("--channel", "--timeout")
+
+
+def command_word(words: Sequence[str]) -> str | None:
+    """The command the words name, if nothing but global options comes before it.
+
+    Anything else before it (an abbreviated option, ``--help``, a typo) gives
+    None: then the whole parser is built, which knows how to answer that.
+    """
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word in _GLOBAL_VALUES:
+            index += 2
+        elif word in _GLOBAL_FLAGS or word.startswith(tuple(f"{v}=" for v in _GLOBAL_VALUES)):
+            index += 1
+        else:
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(with_phases: bool = True, command: str | None = None) -> argparse.ArgumentParser:
+    """The command line: global options, the commands, ``phase NAME``.
+
+    ``command`` (one of :data:`COMMANDS`) builds only that command's parser:
+    what running it needs.  Otherwise every command is built;
+    ``with_phases=False`` then lists ``phase`` without its sub-parsers (and
+    without importing every phase module).
     """
     parser = OneLineParser(
         prog="mktme-guest",
@@ -316,13 +387,11 @@ def build_parser(with_phases: bool = True) -> argparse.ArgumentParser:
                         f"(default ${channel.ENV_TIMEOUT} or {channel.DEFAULT_TIMEOUT:g})")
     parser.add_argument("-v", "--verbose", action="store_true", help="say more on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_simple_commands(commands)
-    _add_range_commands(commands)
-    if with_phases:
-        from . import phases
-        phases.add_parser(commands)
-    else:  # a placeholder for the list of commands; chosen, the full parser is built
-        commands.add_parser("phase", help=PHASE_HELP)
+    if command in COMMANDS:
+        COMMANDS[command](commands)
+        return parser
+    for name, add in COMMANDS.items():
+        (add if name != "phase" or with_phases else _add_phase_placeholder)(commands)
     return parser
 
 
@@ -335,7 +404,7 @@ def _run_phase(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the only place an error becomes a message (one line) and a status."""
     words = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(with_phases="phase" in words).parse_args(words)
+    args = build_parser(with_phases="phase" in words, command=command_word(words)).parse_args(words)
     if args.verbose:  # only dax logs, at INFO: without -v there is nothing to configure
         import logging
 

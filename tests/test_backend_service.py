@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import mmap
 import os
@@ -471,7 +470,7 @@ def test_serve_takes_left_out_options_from_the_state_dir(backends):
     b.stop()
     b.start(tweak=None, tme=None, unit=None, label_size=None, keyid_bits=None, base=None, size=None)
     with b.client() as c:
-        assert c.config() == dataclasses.replace(expected, locked_pages=1)
+        assert c.config() == expected._replace(locked_pages=1)
         record = c.inspect(0)[0]
         assert (record.keyid, record.logical_tweak, record.locked) == (3, 99, True)
         assert b.read(0, 4) == b"kept"  # re-attached to the view

@@ -8,13 +8,11 @@ discarded, never taken as the answer to a later request.
 
 from __future__ import annotations
 
-import array
 import os
 import select
 import time
 
 from ..errors import ErrorCode, KeyProgramError, ProtocolError, RemoteError, ReplyTimeout
-from ..pconfig import Algorithm, KeyCommand, KeyProgram, KeyStatus, build_program, parse_key_options
 from ..vocabulary import RelocateMode
 from .framing import HEADER, U32, U64, Header, Request, encode, new_tag
 from .messages import (
@@ -38,6 +36,10 @@ MAX_FOREIGN_REPLIES = 1024
 TYPE_CHECKING = False  # not typing's: importing typing costs the guest's CLI ~0.1 s under TCG
 if TYPE_CHECKING:
     from typing import Protocol
+
+    # The key-program struct is imported by the functions that build or send one:
+    # `mktme-guest status` and the other light commands never need it.
+    from ..pconfig import KeyCommand, KeyProgram, KeyStatus
 
     class Transport(Protocol):
         def send(self, data: bytes) -> None: ...
@@ -63,6 +65,7 @@ class SocketTransport:
         self.sock.sendall(data)
 
     def recv_exact(self, size: int) -> tuple[bytes, list[int]]:
+        import array  # here, as socket: the guest's port transport needs neither
         import socket  # already loaded by __init__: a dictionary lookup
 
         chunks: list[bytes] = []
@@ -205,7 +208,9 @@ class Client:
         return DeviceConfig.unpack(self.call(Request.GET_CONFIG)[0])
 
     def program_key(self, program: KeyProgram | bytes) -> KeyStatus:
-        raw = program.pack() if isinstance(program, KeyProgram) else program
+        from ..pconfig import KeyStatus
+
+        raw = program if isinstance(program, (bytes, bytearray)) else program.pack()
         body, _ = self.call(Request.KEY_PROGRAM, raw)
         return KeyStatus(U32.unpack_from(body)[0])
 
@@ -253,6 +258,8 @@ def _code_name(code: int) -> str:
 def key_program(keyid: int, command: KeyCommand, algorithm: str = "aes-xts-128",
                 key_hex: str | None = None, tweak_hex: str | None = None) -> KeyProgram:
     """Build a key-program struct from CLI-style arguments (host and guest share it)."""
+    from ..pconfig import Algorithm, build_program
+
     return build_program(keyid, command, Algorithm.from_name(algorithm), key_hex, tweak_hex)
 
 
@@ -265,6 +272,8 @@ def key_program_from_choice(keyid: int, algorithm: str = "aes-xts-128", *, user:
     ``clear``, the Linux key-service ``options`` string, or none of them for
     NO_ENCRYPT.  Raises KeyProgramError (never quoting key material).
     """
+    from ..pconfig import KeyCommand, parse_key_options
+
     if options is not None:
         return parse_key_options(keyid, options)
     if user is not None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import enum
 import os
 import struct
-from dataclasses import dataclass
 
 from ..errors import ErrorCode, ProtocolError
+from .record import NamedTuple
 
 VERSION = 2
 LEGACY_VERSION = 1
@@ -73,9 +73,8 @@ def new_tag() -> int:
     return int.from_bytes(os.urandom(8), "little") or 1
 
 
-@dataclass(frozen=True)
-class Header:
-    """A decoded version-2 header."""
+class Header(NamedTuple):
+    """A decoded version-2 header (a NamedTuple for the guest's sake: see :mod:`.messages`)."""
 
     request: int
     flags: int

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mktme_emu.errors import ConfigError
 from mktme_emu.vm.bootkernel import from_debian, select_kernel
+from mktme_emu.vm.bytecode import prepare_guest_bytecode
 from mktme_emu.vm.initramfs import GUEST_MODULES, build_initramfs
 from mktme_emu.vm.kernel import cache_dir, load_kernel
 from mktme_emu.vm.launcher import PhaseHook, RunRequest, VmResult, run_vm
@@ -169,7 +170,11 @@ def rw_dirs(opts: LaunchOptions) -> tuple[RwDir, ...]:
 def make_config(opts: LaunchOptions, nvdimms: Sequence[NvdimmSpec], run_dir: Path,
                 interactive: bool, progress: Progress = _quiet,
                 net: NetPlan | None = None, tap_fd: int | None = None) -> VmConfig:
-    """Fetch the kernel if needed, build the initramfs, pick the accel: a VmConfig."""
+    """Fetch the kernel if needed, build the initramfs, pick the accel: a VmConfig.
+
+    Also writes the project's bytecode, which the guest cannot (vm/bytecode.py).
+    """
+    prepare_guest_bytecode()
     cache = cache_dir(opts.cache)
     kernel = select_kernel(opts.kernel, opts.modules, cache, opts.ns_mode, progress)
     initrd = build_initramfs(kernel, cache, GUEST_MODULES + (GUEST_NET_MODULES if net else ()))

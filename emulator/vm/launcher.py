@@ -102,6 +102,34 @@ class ResetClock:
         return panic
 
 
+#: What qemu.qmp's reader or writer task died of when QEMU closed the QMP socket.
+_DISCONNECTS = frozenset(cls.__name__ for cls in (ConnectionResetError, ConnectionAbortedError,
+                                                   BrokenPipeError, EOFError))
+
+
+class QuietTeardown(logging.Filter):
+    """Drops qemu.qmp's error line for its connection ending, once QEMU is meant to exit.
+
+    When QEMU exits (the guest powered off, or we sent ``quit``) the QMP
+    reader task may die of ECONNRESET instead of reading EOF, and qemu.qmp
+    logs that at ERROR ("Task.Reader: ConnectionResetError: ...") on every
+    run.  That is the expected end, not a failure: dropped while ``ending()``
+    says so.  Anything else it logs, and a disconnect while the guest still
+    runs (QEMU died), is kept.  The library gives only text: the record's last
+    argument is its summary of the exception, "Type: message".
+    """
+
+    def __init__(self, ending: Callable[[], bool]) -> None:
+        super().__init__("mktme-emu-teardown")
+        self.ending = ending
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        summary = str(args[-1]) if args else ""
+        disconnect = summary.partition(":")[0] in _DISCONNECTS
+        return not (disconnect and record.levelno >= logging.ERROR and self.ending())
+
+
 class _Session:
     """One QEMU process, its QMP connection, and the tasks around it."""
 
@@ -121,6 +149,11 @@ class _Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self.failures: list[BaseException] = []
         self.clock = ResetClock()
+        self.qemu_exiting = False  # a SHUTDOWN came: QEMU exits next (-no-shutdown is not used)
+
+    def ending(self) -> bool:
+        """Whether QEMU is meant to go away now: the run is over, or the guest shut down."""
+        return self.qemu_exiting or self.finished.is_set()
 
     def phase(self, name: str, detail: str = "") -> None:
         """Record a phase of the run (VmResult.phases) and tell the caller's hook."""
@@ -221,6 +254,7 @@ class _Session:
             elif name == "RESUME":
                 self.clock.resumed(when)
             elif name in ("RESET", "SHUTDOWN"):
+                self.qemu_exiting |= name == "SHUTDOWN"
                 if name == "RESET" and self.clock.reset(when):
                     self.result.panicked = True
                     self.finished.set()
@@ -355,6 +389,8 @@ class _Session:
         servers = [await self._listen(self._status, self.cfg.status_socket)]
         if not self.cfg.interactive:
             servers.append(await self._listen(self._console, self.cfg.console_socket))
+        quiet = QuietTeardown(self.ending)
+        self.qmp.logger.addFilter(quiet)  # this connection's own logger
         try:
             with self._signals_end_the_run():
                 await self._start_qemu()
@@ -368,6 +404,7 @@ class _Session:
             await asyncio.gather(*self.tasks, return_exceptions=True)
             for server in servers:
                 server.close()
+            self.qmp.logger.removeFilter(quiet)
             self.phase("teardown-done")
             self.result.phases = self.timer.marks()
         self._collect_console()
