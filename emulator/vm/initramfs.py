@@ -9,11 +9,13 @@ cache key, and no temporary tree is needed.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import os
 import stat
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -69,6 +71,10 @@ class Entry:
     mode: int
     data: bytes = b""
     rdev: tuple[int, int] = (0, 0)
+
+
+# Cached initramfs images unused for this long are removed when a new one is built.
+PRUNE_AFTER_DAYS = 14
 
 
 def cpio_newc(entries: Iterable[Entry]) -> bytes:
@@ -201,6 +207,8 @@ def build_initramfs(kernel: BootKernel, cache: Path,
     load = modules_to_load(wanted, kernel.config)
     target = cache / f"initramfs-{kernel.release}-{cache_key(kernel, busybox, init, load)}.img"
     if target.is_file():
+        with contextlib.suppress(OSError):  # mark it used: pruning keeps what is in use
+            os.utime(target)
         return target
     at_boot = resolve_modules(kernel, [m for m in load if m not in ON_DEMAND])
     loaded = {m.name for m in at_boot}
@@ -211,4 +219,24 @@ def build_initramfs(kernel: BootKernel, cache: Path,
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
     tmp.replace(target)
+    prune_initramfs(cache, keep=target)
     return target
+
+
+def prune_initramfs(cache: Path, keep: Path, unused_days: float = PRUNE_AFTER_DAYS,
+                    now: float | None = None) -> list[Path]:
+    """Remove cached initramfs images not used for ``unused_days``; returns them.
+
+    Every change of the init script, the module set or the kernel makes a
+    new image (about 3 MB), so without this the cache only grows.  An image
+    is touched each time it is used, so one a concurrent run may be about
+    to boot is recent and stays.
+    """
+    limit = (time.time() if now is None else now) - unused_days * 86400
+    removed = []
+    for image in cache.glob("initramfs-*.img"):
+        with contextlib.suppress(OSError):
+            if image != keep and image.stat().st_mtime < limit:
+                image.unlink()
+                removed.append(image)
+    return removed
