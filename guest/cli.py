@@ -177,10 +177,10 @@ def _flush(args: argparse.Namespace) -> int:
     from . import dax
     with _connect(args) as client:
         if args.pa is None and args.file is None and args.device is None:
-            written = client.flush().written
+            flushed = client.flush()
         else:
-            written = dax.flush_extents(client, _where(args))
-    print(f"{written} pages written back")
+            flushed = dax.flush_extents(client, _where(args))
+    print(flushed)
     return 0
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mktme_emu.protocol import Client
+from mktme_emu.protocol import Client, FlushReply
 
 from . import physaddr
 from .channel import connect
@@ -113,15 +113,16 @@ def map_extents(client: Client, extents: list[Extent], keyid: int,
     return [(offset, length) for offset, length, _ in planned]
 
 
-def flush_extents(client: Client, extents: list[Extent]) -> int:
-    """FLUSH the pages covering each extent; returns pages written back (durable on return)."""
+def flush_extents(client: Client, extents: list[Extent]) -> FlushReply:
+    """FLUSH the pages covering each extent (durable on return): the replies summed."""
     area = DataArea.of(client)
-    written = 0
+    written = unwritable = 0
     for ext in extents:
         start = ext.pa - ext.pa % PAGE_SIZE
         end = -(-ext.end // PAGE_SIZE) * PAGE_SIZE
-        written += client.flush(area.offset(Extent(start, end - start)), end - start).written
-    return written
+        reply = client.flush(area.offset(Extent(start, end - start)), end - start)
+        written, unwritable = written + reply.written, unwritable + reply.unwritable
+    return FlushReply(written, unwritable)
 
 
 # -- mmaps ------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def flush_range(target: Target, length: int, *, client: Client | None = None) ->
         target = start
     extents = resolve_range(target, length)
     with _client(client) as c:
-        return flush_extents(c, extents)
+        return flush_extents(c, extents).written
 
 
 @dataclass

@@ -179,9 +179,9 @@ def test_map_extents_and_flush_for_real(serve: Callable[..., Served]) -> None:
             view.seek(0x3000)
             view.write(secret)
         # A flush of a 10-byte extent covers its whole first page, and only it.
-        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 10)]) == 1
-        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 0x2000)]) == 1
-        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 0x2000)]) == 0
+        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 10)]).written == 1
+        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 0x2000)]).written == 1
+        assert dax.flush_extents(client, [Extent(BASE + 0x3000, 0x2000)]) == (0, 0)
     key = bytes.fromhex(TEST_KEY.replace(":", ""))
     expected = xts_reference(key, secret, range(BASE + 0x3000, BASE + 0x5000, 64), 64)
     media = (served.state / "media").read_bytes()[0x3000:0x5000]

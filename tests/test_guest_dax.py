@@ -73,7 +73,9 @@ def test_flush_extents_rounds_out_to_pages() -> None:
     client = FakeClient()
     written = dax.flush_extents(client, [Extent(BASE + 0x1010, 0x20), Extent(BASE + 0x3ff0, 0x20)])  # type: ignore[arg-type]
     assert client.calls == [("flush", 0x1000, 0x1000), ("flush", 0x3000, 0x2000)]
-    assert written == 3
+    assert written == FlushReply(3, 0)
+    assert str(written) == "3 pages written back"
+    assert str(FlushReply(3, 2)) == "3 pages written back, 2 not (their KeyID's key is lost)"
 
 
 def test_encrypt_mprotect_touches_resolves_and_maps(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -244,8 +244,7 @@ def _add_flush(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _flush(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         flushed = client.flush(args.offset, args.length)
-    print(f"{flushed.written} pages written back"
-          + (f", {flushed.unwritable} not (their KeyID's key is lost)" if flushed.unwritable else ""))
+    print(flushed)
     return 0
 
 

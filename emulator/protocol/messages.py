@@ -233,6 +233,11 @@ class FlushReply(NamedTuple):
     def pack(self) -> bytes:
         return FLUSH_REPLY.pack(self.written, self.unwritable)
 
+    def __str__(self) -> str:
+        """What ``flush`` prints, on the host and in the guest alike."""
+        lost = f", {self.unwritable} not (their KeyID's key is lost)" if self.unwritable else ""
+        return f"{self.written} pages written back{lost}"
+
     @classmethod
     def unpack(cls, body: bytes) -> FlushReply:
         _reply_size(body, FLUSH_REPLY, "FLUSH")
