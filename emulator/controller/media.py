@@ -26,6 +26,7 @@ from ..errors import StateError
 from ..fileio import IOV_MAX, OS_IO, FileIO, fsync_dir, pwritev_all, write_all
 from .config import PAGE_SIZE
 from .fastio import data_extents, start_writeback
+from .pagetable import true_runs
 from .persist import JOURNAL_BATCH_PAGES, JOURNAL_FILE, Journal, JournalRecord, PageState
 
 MEDIA_FILE = "media"
@@ -230,11 +231,9 @@ class MediaRewrite:
         assert self._fd is not None
         buffer = memoryview(bytearray(_COPY_BYTES))
         for start, end in data_extents(self._media.fd, 0, self._media.size):
-            stale = np.concatenate(([False], ~self._fresh[start // PAGE_SIZE:-(-end // PAGE_SIZE)], [False]))
-            edges = np.flatnonzero(np.diff(stale.astype(np.int8)))
-            for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
-                self._copy(start // PAGE_SIZE * PAGE_SIZE + s * PAGE_SIZE,
-                           (e - s) * PAGE_SIZE, buffer)
+            first = start // PAGE_SIZE
+            for s, e in true_runs(~self._fresh[first:-(-end // PAGE_SIZE)]):
+                self._copy((first + s) * PAGE_SIZE, (e - s) * PAGE_SIZE, buffer)
 
     def _copy(self, offset: int, length: int, buffer: memoryview) -> None:
         assert self._fd is not None

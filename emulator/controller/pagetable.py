@@ -189,3 +189,9 @@ def ranges(pages: np.ndarray) -> list[Range]:
     starts = [int(pages[0]), *pages[cuts].tolist()]
     ends = [*(pages[cuts - 1] + 1).tolist(), int(pages[-1]) + 1]
     return list(zip(starts, ends, strict=True))
+
+
+def true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))

@@ -31,7 +31,7 @@ from .digest import CHUNK_PAGES as DIGEST_CHUNK_PAGES
 from .digest import ChunkDigests
 from .fastio import data_extents, pread_exact, pwrite_exact, zero_range
 from .media import JOURNAL_BATCH_PAGES, Media, MediaRewrite
-from .pagetable import PageTable, Range
+from .pagetable import PageTable, Range, true_runs
 from .persist import JOURNAL_MAX_BATCH_PAGES, PageState
 from .progress import Activity
 from .results import PageInfo, Stats
@@ -278,9 +278,9 @@ class Transfer:
         """pread the media, but zeros for the chunks known to be holes (reading a
         hole of ext4 costs a zeroed page-cache page each; zeroing a buffer, nothing)."""
         holes = self._hole_pages(offset // PAGE_SIZE, (offset + len(buffer)) // PAGE_SIZE)
-        for s, e in _true_runs(holes):
+        for s, e in true_runs(holes):
             np.frombuffer(buffer, np.uint8)[s * PAGE_SIZE:e * PAGE_SIZE] = 0
-        for s, e in _true_runs(~holes):
+        for s, e in true_runs(~holes):
             pread_exact(self.media.fd, buffer[s * PAGE_SIZE:e * PAGE_SIZE],
                         offset + s * PAGE_SIZE, "media")
 
@@ -308,7 +308,7 @@ class Transfer:
         """view = media as it is: data extents copied, holes zeroed (or skipped on a new view)."""
         at = offset
         holes = self._hole_pages(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
-        extents = [(offset + s * PAGE_SIZE, offset + e * PAGE_SIZE) for s, e in _true_runs(~holes)]
+        extents = [(offset + s * PAGE_SIZE, offset + e * PAGE_SIZE) for s, e in true_runs(~holes)]
         for data_start, data_end in [*extents, (offset + length, offset + length)]:
             if data_start > at and not self._view_is_zero:  # a hole of the media: zeros
                 zero_range(self.view.fd, at, data_start - at)
@@ -470,7 +470,7 @@ class Transfer:
                     recordable[lo:max(lo, hi)] = False
                 continue
             key = self.keys.cipher(keyid)
-            for s, e in _true_runs(check[run_start - a:run_end - a]):
+            for s, e in true_runs(check[run_start - a:run_end - a]):
                 dirty.extend(self._dirty_pages(run_start + s, run_start + e, key,
                                                plain[(run_start + s - a) * PAGE_SIZE:
                                                      (run_start + e - a) * PAGE_SIZE]))
@@ -597,10 +597,3 @@ class Transfer:
         kind = self.keys.kind(keyid).name.lower().replace("_", "-")
         return PageInfo(offset, keyid, kind, locked, int(self.pages.tweak[page]),
                         view[:16], bytes(media[:16]), consistent)
-
-
-
-def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) runs of True in a bool array."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
