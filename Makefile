@@ -4,7 +4,8 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
-APT_PACKAGES := qemu-system-x86 busybox-static ndctl e2fsprogs xfsprogs cpio
+# gcc and python3-dev build the XTS engine's compiled loops (emulator/_blockxor.c).
+APT_PACKAGES := qemu-system-x86 busybox-static ndctl e2fsprogs xfsprogs cpio gcc python3-dev
 STAMP       := $(VENV)/.installed
 
 .PHONY: setup apt venv kernel vm test test-unit test-vm bench lint demo clean
@@ -24,7 +25,7 @@ apt:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py emulator/_blockxor.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -58,4 +59,4 @@ demo: setup kernel
 	$(BIN)/mktme-emu scenario all
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info emulator/_blockxor.*.so

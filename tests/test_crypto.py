@@ -25,6 +25,8 @@ from mktme_emu.errors import CryptoError
 MASK64 = (1 << 64) - 1
 MASK128 = (1 << 128) - 1
 UNITS = [16 << i for i in range(9)]  # 16, 32, ... 4096
+# The engine's two ways of masking the blocks: the compiled loops and numpy (their fallback).
+LOOPS = [pytest.param(True, id="compiled"), pytest.param(False, id="numpy")]
 SHARED_VECTORS = (Path(__file__).resolve().parents[2] / "shared" / "reference"
                   / "xts_vectors_ieee1619_subset.json")
 
@@ -214,9 +216,10 @@ def test_ieee1619_decrypt(vec: Vector) -> None:
 
 
 @pytest.mark.parametrize("vec", IEEE1619_VECTORS, ids=lambda v: v.name)
-def test_ieee1619_engine_in_place(vec: Vector) -> None:
+@pytest.mark.parametrize("compiled", LOOPS)
+def test_ieee1619_engine_in_place(vec: Vector, compiled: bool) -> None:
     key, pt, ct = XtsKey(bytes.fromhex(vec.key)), bytes.fromhex(vec.pt), bytes.fromhex(vec.ct)
-    engine = XtsEngine(vec.unit)
+    engine = XtsEngine(vec.unit, compiled=compiled)
     buf = bytearray(pt)
     engine.encrypt_into(key, buf, buf, vec.sequence)
     assert bytes(buf) == ct
@@ -281,10 +284,12 @@ def test_units_are_independent_of_neighbours() -> None:
 
 @pytest.mark.parametrize("unit", [16, 64, 512, 4096])
 @pytest.mark.parametrize("chunk_units", [1, 3, 7])
-def test_engine_small_chunks(unit: int, chunk_units: int) -> None:
+@pytest.mark.parametrize("compiled", LOOPS)
+def test_engine_small_chunks(unit: int, chunk_units: int, compiled: bool) -> None:
     """Several chunks per call, with tweak carries and wraps landing inside and between chunks."""
     rng = random.Random(f"chunks-{unit}-{chunk_units}")
-    engine = XtsEngine(unit, chunk=chunk_units * unit + rng.randrange(unit))  # not unit-aligned
+    chunk = chunk_units * unit + rng.randrange(unit)  # not unit-aligned
+    engine = XtsEngine(unit, chunk=chunk, compiled=compiled)
     units = chunk_units * 5 + 2  # a partial last chunk
     for label, base in [("carry-64", carry_base(rng, unit, units // 2, rng.getrandbits(63))),
                         ("wrap-128", carry_base(rng, unit, chunk_units, MASK64)),
@@ -300,10 +305,11 @@ def test_engine_small_chunks(unit: int, chunk_units: int) -> None:
         assert bytes(back) == pt, label
 
 
-def test_engine_default_chunk_several_rounds() -> None:
+@pytest.mark.parametrize("compiled", LOOPS)
+def test_engine_default_chunk_several_rounds(compiled: bool) -> None:
     """A range larger than the default chunk for 64-byte units."""
     rng = random.Random("default-chunk")
-    engine = XtsEngine(64)
+    engine = XtsEngine(64, compiled=compiled)
     assert engine.chunk <= 1024 * 1024  # keeps the per-unit reference below affordable
     key = random_key(rng, 64)
     base = carry_base(rng, 64, engine.chunk // 64 + 5, rng.getrandbits(64))  # carry in chunk 2
@@ -313,10 +319,11 @@ def test_engine_default_chunk_several_rounds() -> None:
     assert bytes(out) == reference_xts(key, pt, base, 64)
 
 
-def test_engine_reused_across_keys_and_lengths() -> None:
+@pytest.mark.parametrize("compiled", LOOPS)
+def test_engine_reused_across_keys_and_lengths(compiled: bool) -> None:
     """Preallocated buffers must not leak state from one call into the next."""
     rng = random.Random("reuse")
-    engine = XtsEngine(256, chunk=8 * 256)
+    engine = XtsEngine(256, chunk=8 * 256, compiled=compiled)
     for units in (20, 3, 8, 1, 17):
         key = random_key(rng, rng.choice([32, 64]))
         base = rng.getrandbits(128)
@@ -327,9 +334,10 @@ def test_engine_reused_across_keys_and_lengths() -> None:
 
 
 @pytest.mark.parametrize("unit", [16, 64, 4096])
-def test_engine_in_place(unit: int) -> None:
+@pytest.mark.parametrize("compiled", LOOPS)
+def test_engine_in_place(unit: int, compiled: bool) -> None:
     rng = random.Random(f"in-place-{unit}")
-    engine = XtsEngine(unit, chunk=2 * unit)
+    engine = XtsEngine(unit, chunk=2 * unit, compiled=compiled)
     key = random_key(rng, 32)
     base = carry_base(rng, unit, 3, rng.getrandbits(64))
     pt = rng.randbytes(7 * unit)
@@ -341,7 +349,8 @@ def test_engine_in_place(unit: int) -> None:
     assert bytes(buf) == pt
 
 
-def test_engine_unaligned_buffers() -> None:
+@pytest.mark.parametrize("compiled", LOOPS)
+def test_engine_unaligned_buffers(compiled: bool) -> None:
     """Buffers that do not start on an 8-byte boundary (slices of an mmap, say)."""
     rng = random.Random("unaligned")
     key, base, unit = random_key(rng, 32), rng.getrandbits(128), 64
@@ -349,7 +358,7 @@ def test_engine_unaligned_buffers() -> None:
     src_store, dst_store = bytearray(len(pt) + 3), bytearray(len(pt) + 5)
     src, dst = memoryview(src_store)[3:], memoryview(dst_store)[5:]
     src[:] = pt
-    XtsEngine(unit, chunk=3 * unit).encrypt_into(XtsKey(key), src, dst, base)
+    XtsEngine(unit, chunk=3 * unit, compiled=compiled).encrypt_into(XtsKey(key), src, dst, base)
     assert bytes(dst) == reference_xts(key, pt, base, unit)
     assert dst_store[:5] == bytes(5)
 
@@ -423,13 +432,14 @@ def test_pool_large_range_split_across_threads(spy_engine: list[tuple[int, int]]
     assert bytes(back) == pt
 
 
-def test_pool_keeps_small_units_on_the_calling_thread(spy_engine: list[tuple[int, int]]) -> None:
-    """Below PARALLEL_MIN_UNIT threads only fight over the GIL: no split, same result."""
+def test_pool_keeps_small_units_on_the_calling_thread_with_numpy(spy_engine: list[tuple[int, int]]) -> None:
+    """With the numpy mask, below PARALLEL_MIN_UNIT threads only fight over the GIL:
+    no split, same result."""
     rng = random.Random("pool-small-units")
     key = random_key(rng, 32)
     pt = rng.randbytes(5 * 1024 * 1024)
     out = bytearray(len(pt))
-    pool = XtsPool(64, workers=2)
+    pool = XtsPool(64, workers=2, compiled=False)
     try:
         pool.encrypt_into(XtsKey(key), pt, out, 0x1000)
     finally:
@@ -437,6 +447,22 @@ def test_pool_keeps_small_units_on_the_calling_thread(spy_engine: list[tuple[int
     assert crypto.PARALLEL_MIN_UNIT > 64
     assert [thread for thread, _ in spy_engine] == [threading.get_ident()]
     assert bytes(out[:4096]) == reference_xts(key, pt[:4096], 0x1000, 64)
+
+
+def test_pool_splits_small_units_with_the_compiled_loops(spy_engine: list[tuple[int, int]]) -> None:
+    """The compiled loops release the GIL: 64-byte units gain from every worker."""
+    rng = random.Random("pool-small-units-compiled")
+    key = random_key(rng, 32)
+    base = carry_base(rng, 64, 50_000, rng.getrandbits(64))  # the carry inside the first piece
+    pt = rng.randbytes(5 * 1024 * 1024)
+    out = bytearray(len(pt))
+    pool = XtsPool(64, workers=2, compiled=True)
+    try:
+        pool.encrypt_into(XtsKey(key), pt, out, base)
+    finally:
+        pool.close()
+    assert len(spy_engine) == 2 and threading.get_ident() not in {thread for thread, _ in spy_engine}
+    assert bytes(out) == reference_xts(key, pt, base, 64)
 
 
 def test_pool_small_range_and_single_worker() -> None:

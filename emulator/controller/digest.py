@@ -35,6 +35,7 @@ import os
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ..crypto import COMPILED, fold_blocks
 from .config import PAGE_SIZE
 
 CHUNK_BYTES = 64 * 1024
@@ -51,13 +52,16 @@ class ChunkDigests:
     must :meth:`invalidate`.  Not thread-safe.
     """
 
-    def __init__(self, pages: int) -> None:
+    def __init__(self, pages: int, compiled: bool = COMPILED, key: bytes | None = None) -> None:
+        """``key`` (32 bytes) is drawn at random unless given (tests compare two ways
+        of folding under one key); ``compiled`` folds with crypto's block loops."""
         chunks = -(-pages // CHUNK_PAGES)
+        self._compiled = compiled
         self.pages = pages
         self.digest = np.zeros((chunks, 2), np.uint64)
         self.valid = np.zeros(chunks, bool)
         # XTS: two random halves (equal with probability 2^-128); one Cipher, a context per chunk
-        self._cipher = Cipher(algorithms.AES(os.urandom(32)), modes.XTS(bytes(16)))
+        self._cipher = Cipher(algorithms.AES(key or os.urandom(32)), modes.XTS(bytes(16)))
         self._out = np.empty(MAX_CHUNKS * _WORDS + 2, np.uint64)  # +16 bytes update_into wants
         self._zero = self.compute(memoryview(bytes(CHUNK_BYTES)))[0].copy()
 
@@ -70,6 +74,10 @@ class ChunkDigests:
             encryptor = self._cipher.encryptor()
             encryptor.update_into(data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES],
                                   out[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES + 16].data)
+        if self._compiled:
+            digests = np.empty((chunks, 2), np.uint64)
+            fold_blocks(self._out[:chunks * _WORDS], digests, CHUNK_BYTES)
+            return digests
         words = self._out[:chunks * _WORDS]
         folded = np.bitwise_xor.reduce(words.reshape(chunks, 16, _WORDS // 16), axis=1)
         return np.bitwise_xor.reduce(folded.reshape(chunks, _WORDS // 32, 2), axis=1)

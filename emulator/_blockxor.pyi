@@ -1,0 +1,6 @@
+"""Types of the compiled block loops (emulator/_blockxor.c)."""
+
+from _typeshed import ReadableBuffer, WriteableBuffer
+
+def xor_tweaks(first: ReadableBuffer, src: ReadableBuffer, dst: WriteableBuffer, unit: int, /) -> None: ...
+def fold_blocks(data: ReadableBuffer, out: WriteableBuffer, span: int, /) -> None: ...
