@@ -10,6 +10,7 @@ through the journal and the FileIO seam.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -21,7 +22,9 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
 _ZEROS = bytes(4 * 1024 * 1024)
 
 
@@ -81,3 +84,54 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     busy while the caller computes, so the final fdatasync finds little left to do.
     Errors are ignored (a filesystem without it just writes back later)."""
     _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+# A transfer at least this long streams the media (prefetch ahead, drop behind)
+# instead of leaving it in the page cache: see WriteBehind for why.
+STREAM_MIN_BYTES = 64 * 1024 * 1024
+
+
+def prefetch(fd: int, offset: int, length: int) -> None:
+    """Start reading [offset, offset+length) of ``fd`` into the page cache (no wait):
+    the disk reads the next window while this one is decrypted."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Forget the clean cached pages of [offset, offset+length) of ``fd`` (a hint:
+    the data stays on disk, dirty pages stay)."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+class WriteBehind:
+    """Stream a large new file to disk without filling the page cache with it.
+
+    Each :meth:`written` span has its writeback started at once; the span
+    before it is then waited for and dropped from the page cache.  Why: on
+    these VMs memory the guest has freed is soon handed back to the host
+    (the balloon's free page reporting), and the next first touch of it
+    costs a hypervisor fault per page.  A 4 GiB file written into new page
+    cache took 5-11 s of system time; recycling the few batches in flight
+    took 1.3 s (measured: 64 MiB batches, pwrite + sync_file_range).  The
+    data stays readable (from disk; readers of the whole file stream it,
+    see :data:`STREAM_MIN_BYTES`); durability still needs the caller's
+    fdatasync.  Errors are ignored: these are hints.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._previous: tuple[int, int] | None = None
+
+    def written(self, offset: int, length: int) -> None:
+        """``[offset, offset+length)`` was just written: start it, settle the span before."""
+        start_writeback(self._fd, offset, length)
+        if self._previous is not None:
+            self._settle(*self._previous)
+        self._previous = (offset, length)
+
+    def _settle(self, offset: int, length: int) -> None:
+        _libc.sync_file_range(self._fd, offset, length, _SYNC_FILE_RANGE_WAIT_BEFORE
+                              | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER)
+        drop_cached(self._fd, offset, length)

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import StateError
 from ..fileio import IOV_MAX, OS_IO, FileIO, fsync_dir, pwritev_all, write_all
 from .config import PAGE_SIZE
-from .fastio import data_extents, start_writeback
+from .fastio import WriteBehind, data_extents
 from .pagetable import true_runs
 from .persist import JOURNAL_BATCH_PAGES, JOURNAL_FILE, Journal, JournalRecord, PageState
 
@@ -197,6 +197,7 @@ class MediaRewrite:
         self.path = media.state_dir / REWRITE_FILE
         self._fresh = np.zeros(media.size // PAGE_SIZE, bool)  # pages already in the new file
         self._fd: int | None = io.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._behind = WriteBehind(self._fd)
         try:
             io.ftruncate(self._fd, media.size)
         except BaseException:
@@ -207,10 +208,13 @@ class MediaRewrite:
         """Write whole pages (offset, 4 KiB) to the new file, and start their writeback
         (the disk writes while the next pages are encrypted; :meth:`complete` syncs)."""
         assert self._fd is not None
+        low, high = self._media.size, 0
         for offset, run in _contiguous_runs(pages):
             written = pwritev_all(self._io, self._fd, run, offset)
             self._fresh[offset // PAGE_SIZE:offset // PAGE_SIZE + len(run)] = True
-            start_writeback(self._fd, offset, written)
+            low, high = min(low, offset), max(high, offset + written)
+        if high > low:
+            self._behind.written(low, high - low)
 
     def complete(self) -> None:
         """Copy the old file's other data and make the new file durable (the old one still
@@ -241,6 +245,7 @@ class MediaRewrite:
             piece = buffer[:min(len(buffer), offset + length - at)]
             self._media.read_into(at, piece)
             write_all(self._io, self._fd, piece, at)
+            self._behind.written(at, len(piece))
 
     def abort(self) -> None:
         """Remove the new file; the media file is as it was."""

@@ -29,7 +29,15 @@ from .config import PAGE_SIZE, ControllerConfig, TweakMode
 from .digest import CHUNK_BYTES as DIGEST_CHUNK_BYTES
 from .digest import CHUNK_PAGES as DIGEST_CHUNK_PAGES
 from .digest import ChunkDigests
-from .fastio import data_extents, pread_exact, pwrite_exact, zero_range
+from .fastio import (
+    STREAM_MIN_BYTES,
+    data_extents,
+    drop_cached,
+    pread_exact,
+    prefetch,
+    pwrite_exact,
+    zero_range,
+)
 from .media import JOURNAL_BATCH_PAGES, Media, MediaRewrite
 from .pagetable import PageTable, Range, true_runs
 from .persist import JOURNAL_MAX_BATCH_PAGES, PageState
@@ -248,12 +256,19 @@ class Transfer:
         """
         self.digests.invalidate(start, end)
         self.activity.begin("fill", (end - start) * PAGE_SIZE)
+        stream = (end - start) * PAGE_SIZE >= STREAM_MIN_BYTES
         try:
-            for a, b in self._windows(start, end):
+            windows = list(self._windows(start, end))
+            for i, (a, b) in enumerate(windows):
+                if stream and i + 1 < len(windows):  # the disk reads ahead meanwhile
+                    ahead = windows[i + 1]
+                    prefetch(self.media.fd, ahead[0] * PAGE_SIZE, (ahead[1] - ahead[0]) * PAGE_SIZE)
                 plain = self._plain[:(b - a) * PAGE_SIZE]
                 kinds = [self._fill_run(run_start, run_end, keyid, plain, a)
                          for run_start, run_end, keyid in self._runs(a, b)]
                 self._record_digests(a, b, plain, kinds)
+                if stream:  # read once: recycle its page cache (see fastio.WriteBehind)
+                    drop_cached(self.media.fd, a * PAGE_SIZE, (b - a) * PAGE_SIZE)
                 self.stats.pages_filled += b - a
                 self.activity.advance((b - a) * PAGE_SIZE)
         finally:
@@ -373,7 +388,8 @@ class Transfer:
             try:
                 windows = list(self._windows(start, end))
                 for i, (a, b, plain) in enumerate(self._read_ahead(windows)):
-                    dirty.extend(self._write_back_window(a, b, plain, verified))
+                    rewriting = isinstance(sink, _RewriteSink)
+                    dirty.extend(self._write_back_window(a, b, plain, verified, compare=not rewriting))
                     scanned += b - a
                     last = i + 1 == len(windows)
                     if last or len(dirty) > self._batch - CHUNK_PAGES:  # the next window could overflow
@@ -444,10 +460,11 @@ class Transfer:
                     pending = reader.submit(read, i + 1)
                 yield a, b, plain
 
-    def _write_back_window(self, a: int, b: int, plain: memoryview,
-                           verified: list[Verified]) -> list[tuple[int, memoryview]]:
+    def _write_back_window(self, a: int, b: int, plain: memoryview, verified: list[Verified],
+                           compare: bool = True) -> list[tuple[int, memoryview]]:
         """The dirty pages of window [a, b) (``plain``: the view's bytes there);
-        digests to record go to ``verified``."""
+        digests to record go to ``verified``.  Without ``compare``, every page
+        the digests do not vouch for counts as dirty (see :meth:`_dirty_pages`)."""
         check = np.ones(b - a, bool)
         first, last = self.digests.whole_chunks(a, b)
         recordable = np.zeros(max(last - first, 0), bool)
@@ -461,6 +478,8 @@ class Transfer:
             check[rel:rel + (last - first) * DIGEST_CHUNK_PAGES] = ~np.repeat(same, DIGEST_CHUNK_PAGES)
             recordable = ~same
         dirty: list[tuple[int, memoryview]] = []
+        buffer = self._spare_buffer()  # the window's pages to write, at their places
+        out = memoryview(buffer)[:(b - a) * PAGE_SIZE]
         for run_start, run_end, keyid in self._runs(a, b):
             if self.keys.is_lost(keyid):
                 check[run_start - a:run_end - a] = False
@@ -471,42 +490,58 @@ class Transfer:
                 continue
             key = self.keys.cipher(keyid)
             for s, e in true_runs(check[run_start - a:run_end - a]):
-                dirty.extend(self._dirty_pages(run_start + s, run_start + e, key,
-                                               plain[(run_start + s - a) * PAGE_SIZE:
-                                                     (run_start + e - a) * PAGE_SIZE]))
+                lo, hi = (run_start + s - a) * PAGE_SIZE, (run_start + e - a) * PAGE_SIZE
+                dirty.extend(self._dirty_pages(run_start + s, run_start + e, key, plain[lo:hi],
+                                               out[lo:hi], compare))
+        if not dirty:
+            self._spare.append(buffer)  # nothing refers to it
         if recordable.any():
             verified.append((first, now.copy(), recordable))
         return dirty
 
-    def _dirty_pages(self, start: int, end: int, key: XtsKey | None,
-                     source: memoryview) -> list[tuple[int, memoryview]]:
+    def _dirty_pages(self, start: int, end: int, key: XtsKey | None, source: memoryview,
+                     into: memoryview, compare: bool) -> list[tuple[int, memoryview]]:
+        """(offset, page) for each page of [start, end) whose write-back (``source``
+        encrypted) differs from the media, the pages held in ``into`` (the buffer
+        that goes to the writer).  Without ``compare``, every page: a new media
+        file gets each page it is given, and reading the old file to compare
+        would cost more than writing the equal pages again."""
         offset, length = start * PAGE_SIZE, (end - start) * PAGE_SIZE
+        # Without a comparison, straight into the writer's buffer; else via the scratch,
+        # since most pages may turn out equal.
+        out = memoryview(self._scratch)[:length] if compare else into
         if key is not None:
-            encrypted = memoryview(self._scratch)[:length]
-            self.pool.encrypt_into(key, source, encrypted, self._tweak_base(start))
+            self.pool.encrypt_into(key, source, out, self._tweak_base(start))
             self.stats.bytes_encrypted += length
-            source = encrypted
-        stored = memoryview(self._scratch2)[:length]
-        self._read_media(offset, stored)
-        new = np.frombuffer(source, np.uint64).reshape(-1, PAGE_SIZE // 8)
-        old = np.frombuffer(stored, np.uint64).reshape(-1, PAGE_SIZE // 8)
-        changed = np.flatnonzero((new != old).any(axis=1)).tolist()
-        if not changed:
-            return []
-        snapshot = self._snapshot(source)  # one copy per run: the scratch is reused
-        return [(offset + i * PAGE_SIZE, snapshot[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in changed]
+        elif compare:
+            out = source
+        else:
+            out[:] = source
+        changed: Sequence[int] = range(end - start)
+        if compare:
+            changed = self._changed_pages(offset, out)
+            if not changed:
+                return []
+            into[:] = out  # one copy per run: the scratch is reused
+        return [(offset + i * PAGE_SIZE, into[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in changed]
 
-    def _snapshot(self, source: memoryview) -> memoryview:
-        """A copy of ``source`` (at most a window) in a buffer of the write-back's own.
+    def _changed_pages(self, offset: int, new_media: memoryview) -> list[int]:
+        """Indexes of the pages of ``new_media`` (at ``offset``) that differ from the media."""
+        stored = memoryview(self._scratch2)[:len(new_media)]
+        self._read_media(offset, stored)
+        new = np.frombuffer(new_media, np.uint64).reshape(-1, PAGE_SIZE // 8)
+        old = np.frombuffer(stored, np.uint64).reshape(-1, PAGE_SIZE // 8)
+        changed: list[int] = np.flatnonzero((new != old).any(axis=1)).tolist()
+        return changed
+
+    def _spare_buffer(self) -> bytearray:
+        """A window-sized buffer of the write-back's own.
 
         Buffers come back through :meth:`_recycle` once their batch is written,
         so a long write-back touches new memory only for its first two batches
         (fresh anonymous memory costs a page fault per 4 KiB, which grew the time
         per GiB with the device size)."""
-        buffer = self._spare.pop() if self._spare else bytearray(CHUNK_PAGES * PAGE_SIZE)
-        view = memoryview(buffer)[:len(source)]
-        view[:] = source
-        return view
+        return self._spare.pop() if self._spare else bytearray(CHUNK_PAGES * PAGE_SIZE)
 
     def _recycle(self, pages: Sequence[tuple[int, memoryview]]) -> None:
         """The snapshot buffers of a written batch may be reused (any thread)."""
