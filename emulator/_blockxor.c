@@ -32,9 +32,49 @@ enum { BLOCK = 16 };
 /* dst = src XOR mask, where block j of unit i is masked with first[i] * alpha^j
  * in GF(2^128) (IEEE 1619: multiply by alpha = shift left one bit of the
  * little-endian 128-bit value, folding x^128 back as 0x87). */
+static inline void mul_alpha(uint64_t *lo, uint64_t *hi)
+{
+    uint64_t fold = (uint64_t)((int64_t)*hi >> 63) & 0x87;
+    *hi = (*hi << 1) | (*lo >> 63);
+    *lo = (*lo << 1) ^ fold;
+}
+
+static inline void xor_block(const uint8_t *s, uint8_t *d, uint64_t lo, uint64_t hi)
+{
+    uint64_t a, b;
+    memcpy(&a, s, 8);
+    memcpy(&b, s + 8, 8);
+    a ^= lo;
+    b ^= hi;
+    memcpy(d, &a, 8);
+    memcpy(d + 8, &b, 8);
+}
+
+/* 64-byte units (the controller's): the four masks computed up front, so the
+ * CPU overlaps consecutive units instead of waiting on one tweak chain. */
+static void xor_tweaks_64(const uint8_t *first, const uint8_t *src, uint8_t *dst, Py_ssize_t units)
+{
+    for (Py_ssize_t i = 0; i < units; i++) {
+        uint64_t lo[4], hi[4];
+        memcpy(&lo[0], first + BLOCK * i, 8);
+        memcpy(&hi[0], first + BLOCK * i + 8, 8);
+        for (int j = 1; j < 4; j++) {
+            lo[j] = lo[j - 1];
+            hi[j] = hi[j - 1];
+            mul_alpha(&lo[j], &hi[j]);
+        }
+        for (int j = 0; j < 4; j++)
+            xor_block(src + 64 * i + BLOCK * j, dst + 64 * i + BLOCK * j, lo[j], hi[j]);
+    }
+}
+
 static void xor_tweaks_loop(const uint8_t *first, const uint8_t *src, uint8_t *dst,
                             Py_ssize_t units, Py_ssize_t blocks)
 {
+    if (blocks == 4) {
+        xor_tweaks_64(first, src, dst, units);
+        return;
+    }
     for (Py_ssize_t i = 0; i < units; i++) {
         uint64_t lo, hi;
         memcpy(&lo, first + BLOCK * i, 8);
@@ -42,16 +82,8 @@ static void xor_tweaks_loop(const uint8_t *first, const uint8_t *src, uint8_t *d
         const uint8_t *s = src + (size_t)i * blocks * BLOCK;
         uint8_t *d = dst + (size_t)i * blocks * BLOCK;
         for (Py_ssize_t j = 0; j < blocks; j++) {
-            uint64_t a, b;
-            memcpy(&a, s + BLOCK * j, 8);
-            memcpy(&b, s + BLOCK * j + 8, 8);
-            a ^= lo;
-            b ^= hi;
-            memcpy(d + BLOCK * j, &a, 8);
-            memcpy(d + BLOCK * j + 8, &b, 8);
-            uint64_t fold = (uint64_t)((int64_t)hi >> 63) & 0x87;
-            hi = (hi << 1) | (lo >> 63);
-            lo = (lo << 1) ^ fold;
+            xor_block(s + BLOCK * j, d + BLOCK * j, lo, hi);
+            mul_alpha(&lo, &hi);
         }
     }
 }

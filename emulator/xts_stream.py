@@ -19,13 +19,13 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from .crypto import DEFAULT_UNIT, PARALLEL_MIN, PARALLEL_MIN_UNIT, XtsEngine, XtsKey, XtsPool, check_unit
+from .crypto import DEFAULT_UNIT, PARALLEL_MIN, XtsEngine, XtsKey, XtsPool, check_unit
 from .errors import CryptoError
 
 _MASK128 = (1 << 128) - 1
 
 
-def stream_plan(unit: int, workers: int) -> tuple[int, int]:
+def stream_plan(pool: XtsPool) -> tuple[int, int]:
     """(chunk bytes, buffers) for a stream: 8 MiB of buffers at most.
 
     Where the pool splits a chunk over several cores, a chunk must be at
@@ -33,7 +33,7 @@ def stream_plan(unit: int, workers: int) -> tuple[int, int]:
     cipher; otherwise three 2 MiB buffers let reading, encrypting and
     writing run at once on one core each.
     """
-    if workers > 1 and unit >= PARALLEL_MIN_UNIT:
+    if pool.splits:
         return 2 * PARALLEL_MIN, 2
     return PARALLEL_MIN, 3
 
@@ -103,7 +103,7 @@ def xts_stream(key: XtsKey, src: Source, dst: Sink, tweak_base: int, *,
     """
     check_unit(unit)
     crypt = _Crypt(key, unit, encrypt, tweak_step, workers)
-    chunk, depth = stream_plan(unit, crypt.pool.workers)
+    chunk, depth = stream_plan(crypt.pool)
     try:
         return _pipeline(src, dst, (chunk, depth),
                          lambda data, done: crypt.run(data, done // unit, tweak_base), unit)
