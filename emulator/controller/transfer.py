@@ -261,8 +261,7 @@ class Transfer:
             windows = list(self._windows(start, end))
             for i, (a, b) in enumerate(windows):
                 if stream and i + 1 < len(windows):  # the disk reads ahead meanwhile
-                    ahead = windows[i + 1]
-                    prefetch(self.media.fd, ahead[0] * PAGE_SIZE, (ahead[1] - ahead[0]) * PAGE_SIZE)
+                    self._prefetch_media(*windows[i + 1])
                 plain = self._plain[:(b - a) * PAGE_SIZE]
                 kinds = [self._fill_run(run_start, run_end, keyid, plain, a)
                          for run_start, run_end, keyid in self._runs(a, b)]
@@ -274,6 +273,13 @@ class Transfer:
         finally:
             self.activity.end()
         self._view_is_zero = False
+
+    def _prefetch_media(self, start: int, end: int) -> None:
+        """Have the disk read the media's data in pages [start, end) ahead of the fill;
+        never its holes (ext4 would fill the page cache with zeroed pages for them)."""
+        holes = self._hole_pages(start, end)
+        for s, e in true_runs(~holes):
+            prefetch(self.media.fd, (start + s) * PAGE_SIZE, (e - s) * PAGE_SIZE)
 
     def _fill_run(self, start: int, end: int, keyid: int, plain: memoryview, window: int) -> Filled:
         """Fill one run; its plaintext lands in ``plain`` (the window's)."""
