@@ -29,9 +29,8 @@
 
 enum { BLOCK = 16 };
 
-/* dst = src XOR mask, where block j of unit i is masked with first[i] * alpha^j
- * in GF(2^128) (IEEE 1619: multiply by alpha = shift left one bit of the
- * little-endian 128-bit value, folding x^128 back as 0x87). */
+/* (lo, hi) *= alpha in GF(2^128) (IEEE 1619: shift the little-endian 128-bit
+ * value left one bit, folding x^128 back as 0x87). */
 static inline void mul_alpha(uint64_t *lo, uint64_t *hi)
 {
     uint64_t fold = (uint64_t)((int64_t)*hi >> 63) & 0x87;
@@ -68,6 +67,7 @@ static void xor_tweaks_64(const uint8_t *first, const uint8_t *src, uint8_t *dst
     }
 }
 
+/* dst = src XOR mask, where block j of unit i is masked with first[i] * alpha^j. */
 static void xor_tweaks_loop(const uint8_t *first, const uint8_t *src, uint8_t *dst,
                             Py_ssize_t units, Py_ssize_t blocks)
 {

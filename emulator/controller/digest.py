@@ -74,13 +74,7 @@ class ChunkDigests:
             encryptor = self._cipher.encryptor()
             encryptor.update_into(data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES],
                                   out[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES + 16].data)
-        if self._compiled:
-            digests = np.empty((chunks, 2), np.uint64)
-            fold_blocks(self._out[:chunks * _WORDS], digests, CHUNK_BYTES)
-            return digests
-        words = self._out[:chunks * _WORDS]
-        folded = np.bitwise_xor.reduce(words.reshape(chunks, 16, _WORDS // 16), axis=1)
-        return np.bitwise_xor.reduce(folded.reshape(chunks, _WORDS // 32, 2), axis=1)
+        return fold_blocks(self._out[:chunks * _WORDS], CHUNK_BYTES, self._compiled)
 
     @staticmethod
     def whole_chunks(start: int, end: int) -> tuple[int, int]:
