@@ -42,7 +42,7 @@ def test_the_compiled_loops_are_built() -> None:
 
 
 @needs_loops
-@pytest.mark.parametrize("unit", [16, 32, 64, 512, 4096])
+@pytest.mark.parametrize("unit", [16, 32, 64, 128, 512, 4096])
 def test_xor_tweaks_matches_the_model(unit: int) -> None:
     rng = random.Random(f"xor-tweaks-{unit}")
     for _ in range(12):
