@@ -11,7 +11,10 @@ bases whose low 64 bits carry into the high 64 bits mid-buffer and bases near
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -605,3 +608,13 @@ def test_key_from_bytearray_is_a_copy() -> None:
 def _raw(key: XtsKey) -> bytes:
     """Recover the raw key bytes for the reference (test-only peek at the private copy)."""
     return bytes(key._key)
+
+
+def test_importing_the_engine_starts_no_blas_threads() -> None:
+    """numpy's OpenBLAS would start a thread per core that spins for 0.1 s of CPU;
+    the package turns it off before numpy loads (we call no BLAS routine)."""
+    count_threads = "import os, mktme_emu.crypto; print(len(os.listdir('/proc/self/task')))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", count_threads], env=env, capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    assert out.strip() == "1"
