@@ -62,6 +62,11 @@ PARALLEL_MIN = 2 * 1024 * 1024
 PARALLEL_MIN_UNIT = 1024
 
 
+def threads_gain(unit: int, compiled: bool = COMPILED) -> bool:
+    """Do several threads running engines of this unit size beat one?"""
+    return compiled or unit >= PARALLEL_MIN_UNIT
+
+
 def default_chunk(unit: int) -> int:
     """Bytes per round, for any unit size.
 
@@ -399,7 +404,7 @@ class XtsPool:
     @property
     def splits(self) -> bool:
         """Does a large range run on several workers (else always on the caller's thread)?"""
-        return self._executor is not None and (self.compiled or self.unit >= PARALLEL_MIN_UNIT)
+        return self._executor is not None and threads_gain(self.unit, self.compiled)
 
     def _engine(self) -> XtsEngine:
         engine: XtsEngine | None = getattr(self._local, "engine", None)

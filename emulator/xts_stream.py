@@ -4,38 +4,74 @@ Part of the crypto layer's public API (it builds only on :mod:`.crypto`):
 :func:`xts_stream` is what ``mktme-emu xts`` runs, for users' own tests that
 compute expected ciphertext of inputs larger than memory.
 
-Memory: at most 8 MiB of buffers plus the engines' scratch space (about
-5 MiB per engine), whatever the input size.  Throughput: a reader thread
-fills the next buffer and a writer thread drains the previous one while the
-caller's thread encrypts (file I/O releases the GIL), so the stream runs
-close to the engine's own speed instead of adding the copies.
+Memory: a chunk of 4 MiB per worker and one more (2 MiB chunks past three
+workers), plus each worker's engine scratch (about 2.5 MiB), with at most
+four workers, whatever the input size.
+
+Throughput: each worker thread reads the next chunk itself (the input is
+sequential, so one read at a time, under a lock), encrypts it in place while
+it is still in that core's cache, and hands it to the caller's thread, which
+writes the chunks in input order.  Reading and encryption of different
+chunks overlap, and no chunk waits on a barrier between cores.  Measured on
+two cores (docs/performance.md, "``mktme-emu xts``: streaming"), this beat
+a reader thread feeding a pool that split each chunk over the cores by
+about 25%: that design paid a thread hand-off per chunk and a cold cache
+for every byte.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import queue
 import threading
-from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-from .crypto import DEFAULT_UNIT, PARALLEL_MIN, XtsEngine, XtsKey, XtsPool, check_unit
+from .crypto import COMPILED, DEFAULT_UNIT, XtsEngine, XtsKey, check_unit, threads_gain
 from .errors import CryptoError
 
 _MASK128 = (1 << 128) - 1
 
+# 4 MiB measured best on two cores (the L2 of each is 4 MiB): 1 and 2 MiB
+# chunks were 10-20% slower, 8 MiB no faster.
+STREAM_CHUNK = 4 << 20
+# The buffers' share of the command's 64 MiB: past four workers' worth the
+# chunks get smaller, not more numerous.
+STREAM_BUFFER_BUDGET = 16 << 20
+# More workers than this would only add engines (about 2.5 MiB each): by
+# then the input or the output is the limit, not the cipher.
+MAX_STREAM_WORKERS = 4
 
-def stream_plan(pool: XtsPool) -> tuple[int, int]:
-    """(chunk bytes, buffers) for a stream: 8 MiB of buffers at most.
 
-    Where the pool splits a chunk over several cores, a chunk must be at
-    least two pool pieces (4 MiB), and two buffers leave the cores to the
-    cipher; otherwise three 2 MiB buffers let reading, encrypting and
-    writing run at once on one core each.
+@dataclass(frozen=True)
+class StreamPlan:
+    """How a stream runs: chunk size and worker threads (buffers follow from them)."""
+
+    chunk: int
+    workers: int
+
+    @property
+    def buffers(self) -> int:
+        """One per worker and one being written (a second spare measured no faster)."""
+        return self.workers + 1
+
+
+def stream_plan(unit: int, workers: int | None = None, compiled: bool = COMPILED) -> StreamPlan:
+    """The plan for ``unit``-byte data units on ``workers`` threads (default: every core).
+
+    One worker where threads do not gain (the numpy mask of small units
+    needs the GIL); never more than MAX_STREAM_WORKERS; all buffers within
+    STREAM_BUFFER_BUDGET.
     """
-    if pool.splits:
-        return 2 * PARALLEL_MIN, 2
-    return PARALLEL_MIN, 3
+    cores = workers if workers is not None else (os.cpu_count() or 1)
+    if not threads_gain(unit, compiled):
+        cores = 1
+    count = max(1, min(cores, MAX_STREAM_WORKERS))
+    chunk = STREAM_CHUNK
+    while chunk * (count + 1) > STREAM_BUFFER_BUDGET:
+        chunk //= 2
+    return StreamPlan(chunk, count)
 
 
 class Source(Protocol):
@@ -63,32 +99,25 @@ class TweakStep(enum.Enum):
     DUN = "dun"
 
 
-class _Crypt:
-    """Encrypt or decrypt whole units in place at a given unit index."""
+class _ChunkCrypt:
+    """One worker's cipher: whole units of a chunk, in place, at a given byte offset."""
 
     def __init__(self, key: XtsKey, unit: int, encrypt: bool, step: TweakStep,
-                 workers: int | None) -> None:
-        self.key, self.unit, self.step = key, unit, step
-        self.pool = XtsPool(unit, workers)
-        self.engine: XtsEngine | None = None  # only the dun step needs one of its own
-        self.encrypt = encrypt
+                 tweak_base: int) -> None:
+        self.key, self.unit, self.step, self.tweak_base = key, unit, step, tweak_base
+        self.engine = XtsEngine(unit)
+        self.crypt = self.engine.encrypt_into if encrypt else self.engine.decrypt_into
 
-    def run(self, data: memoryview, first_unit: int, tweak_base: int) -> None:
+    def __call__(self, data: memoryview, offset: int) -> None:
         if self.step is TweakStep.ADDRESS:
-            crypt = self.pool.encrypt_into if self.encrypt else self.pool.decrypt_into
-            crypt(self.key, data, data, (tweak_base + first_unit * self.unit) & _MASK128)
+            self.crypt(self.key, data, data, (self.tweak_base + offset) & _MASK128)
             return
         # A tweak per unit number: the engine's tweaks step by the unit size,
-        # so each unit is its own call (about 100 MB/s at 4096-byte units).
-        if self.engine is None:
-            self.engine = XtsEngine(self.unit)
-        one = self.engine.encrypt_into if self.encrypt else self.engine.decrypt_into
+        # so each unit is its own call (about 100 MB/s per core at 4096-byte units).
+        first = self.tweak_base + offset // self.unit
         for i in range(len(data) // self.unit):
             piece = data[i * self.unit:(i + 1) * self.unit]
-            one(self.key, piece, piece, (tweak_base + first_unit + i) & _MASK128)
-
-    def close(self) -> None:
-        self.pool.close()
+            self.crypt(self.key, piece, piece, (first + i) & _MASK128)
 
 
 def xts_stream(key: XtsKey, src: Source, dst: Sink, tweak_base: int, *,
@@ -97,99 +126,154 @@ def xts_stream(key: XtsKey, src: Source, dst: Sink, tweak_base: int, *,
     """Encrypt (or decrypt) everything ``src`` holds into ``dst``; the byte count.
 
     ``src`` needs ``readinto`` and ``dst`` ``write`` (raw or buffered files,
-    pipes, BytesIO).  The input must be a whole number of units: a partial
-    last unit raises CryptoError after every whole unit before it was
-    written.  Blocks on both files; raises OSError from them.
+    pipes, BytesIO); ``workers`` threads encrypt (default: one per core).
+    The input must be a whole number of units: a partial last unit raises
+    CryptoError after every whole unit before it was written.  Blocks on
+    both files; raises OSError from them.  After an error, a worker blocked
+    reading a pipe stays blocked until the pipe gives data or ends, then
+    stops without touching ``dst``.
     """
     check_unit(unit)
-    crypt = _Crypt(key, unit, encrypt, tweak_step, workers)
-    chunk, depth = stream_plan(crypt.pool)
-    try:
-        return _pipeline(src, dst, (chunk, depth),
-                         lambda data, done: crypt.run(data, done // unit, tweak_base), unit)
-    finally:
-        crypt.close()
+    plan = stream_plan(unit, workers)
+    stream = _Stream(src, plan)
+    for _ in range(plan.workers):
+        stream.start_worker(_ChunkCrypt(key, unit, encrypt, tweak_step, tweak_base))
+    return stream.write_all(dst, unit)
 
 
-def _pipeline(src: Source, dst: Sink, plan: tuple[int, int],
-              work: Callable[[memoryview, int], None], unit: int) -> int:
-    """Read, work and write chunks with the I/O in two threads; the total byte count."""
-    chunk, depth = plan
-    free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(depth):
-        free.put(bytearray(chunk))
-    filled: queue.Queue[tuple[bytearray, int] | BaseException | None] = queue.Queue(depth + 1)
-    done: queue.Queue[tuple[bytearray, int] | None] = queue.Queue(depth + 2)
-    writer_error: list[BaseException] = []
-    reader = threading.Thread(target=_read_loop, args=(src, free, filled), daemon=True)
-    writer = threading.Thread(target=_write_loop, args=(dst, done, free, writer_error), daemon=True)
-    reader.start()
-    writer.start()
-    total = 0
-    try:
-        while not writer_error:
-            item = filled.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            buffer, length = item
-            whole = length - length % unit
-            work(memoryview(buffer)[:whole], total)
-            done.put((buffer, whole))
-            total += whole
-            if whole != length:
-                done.put(None)
-                writer.join()
-                raise CryptoError(f"the input ends with {length - whole} bytes, not a whole "
-                                  f"{unit}-byte data unit ({total} bytes before it were written)")
-    finally:
-        done.put(None)
-        writer.join()
-        free.put(bytearray(0))  # wakes a reader waiting for a buffer after an error
-    if writer_error:
-        raise writer_error[0]
-    return total
+@dataclass(frozen=True)
+class _Chunk:
+    """The ``seq``-th chunk of the input: ``length`` bytes, or the error that ended it."""
+
+    seq: int
+    buffer: bytearray
+    length: int
+    error: BaseException | None = None
 
 
-def _read_loop(src: Source, free: queue.Queue[bytearray],
-               filled: queue.Queue[tuple[bytearray, int] | BaseException | None]) -> None:
-    """Fill free buffers completely (or up to end of input) and pass them on."""
-    try:
-        while True:
-            buffer = free.get()
-            if not buffer:
-                return
-            view = memoryview(buffer)
-            got = 0
-            while got < len(buffer):
-                n = src.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            if got:
-                filled.put((buffer, got))
-            if got < len(buffer):
-                filled.put(None)
-                return
-    except BaseException as exc:  # handed to the caller's thread, which raises it
-        filled.put(exc)
+class _SharedSource:
+    """The input, read one whole chunk at a time by whichever worker asks, in order."""
 
+    def __init__(self, src: Source) -> None:
+        self._src = src
+        self._lock = threading.Lock()
+        self._next_seq = 0
+        self._ended = False
 
-def _write_loop(dst: Sink, done: queue.Queue[tuple[bytearray, int] | None],
-                free: queue.Queue[bytearray], error: list[BaseException]) -> None:
-    """Write finished buffers in order and return them to the free list."""
-    while True:
-        item = done.get()
-        if item is None:
-            return
-        buffer, length = item
-        if not error:
+    def read_next(self, buffer: bytearray) -> _Chunk | None:
+        """The next chunk, read into ``buffer``; None once the input ended.
+
+        A chunk is full unless it is the last: exactly one read returns
+        fewer bytes than the buffer holds (maybe none), or an error, which
+        ends the input too.
+        """
+        with self._lock:
+            if self._ended:
+                return None
+            seq, self._next_seq = self._next_seq, self._next_seq + 1
             try:
-                _write_all(dst, memoryview(buffer)[:length])
-            except BaseException as exc:  # reported by the caller's thread
-                error.append(exc)
-        free.put(buffer)
+                length = _read_full(self._src, memoryview(buffer))
+            except BaseException as exc:  # raised in order by the caller's thread
+                self._ended = True
+                return _Chunk(seq, buffer, 0, exc)
+            self._ended = length < len(buffer)
+            return _Chunk(seq, buffer, length)
+
+
+class _Stream:
+    """Worker threads that read and encrypt chunks; the caller's thread writes them in order."""
+
+    def __init__(self, src: Source, plan: StreamPlan) -> None:
+        self.plan = plan
+        self.source = _SharedSource(src)
+        self.free: queue.Queue[bytearray | None] = queue.Queue()
+        for _ in range(plan.buffers):
+            self.free.put(bytearray(plan.chunk))
+        self.finished: queue.Queue[_Chunk] = queue.Queue()
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start_worker(self, crypt: _ChunkCrypt) -> None:
+        thread = threading.Thread(target=self._work, args=(crypt,), daemon=True,
+                                  name=f"xts-stream-{len(self.threads)}")
+        self.threads.append(thread)
+        thread.start()
+
+    def _work(self, crypt: _ChunkCrypt) -> None:
+        """Take a free buffer, fill it with the next chunk, encrypt it, pass it on."""
+        while True:
+            buffer = self.free.get()
+            if buffer is None or self.stopping.is_set():
+                return
+            chunk = self.source.read_next(buffer)
+            if chunk is None:
+                return
+            whole = chunk.length - chunk.length % crypt.unit
+            if chunk.error is None and whole:
+                try:
+                    crypt(memoryview(buffer)[:whole], chunk.seq * self.plan.chunk)
+                except BaseException as exc:  # raised in order by the caller's thread
+                    chunk = replace(chunk, error=exc)
+            self.finished.put(chunk)
+            if chunk.error is not None:
+                return
+
+    def write_all(self, dst: Sink, unit: int) -> int:
+        """Write finished chunks in input order until the last one; the byte count."""
+        pending: dict[int, _Chunk] = {}
+        next_seq = total = 0
+        ended = False
+        try:
+            while not ended:
+                item = self.finished.get()
+                pending[item.seq] = item
+                while next_seq in pending and not ended:
+                    chunk = pending.pop(next_seq)
+                    next_seq += 1
+                    total += self._write_chunk(dst, chunk, unit, total)
+                    ended = chunk.length < self.plan.chunk
+        finally:
+            self._stop(join=ended)
+        return total
+
+    def _write_chunk(self, dst: Sink, chunk: _Chunk, unit: int, before: int) -> int:
+        """Write a chunk's whole units and recycle its buffer; the bytes written.
+
+        Raises the error that ended the input (every chunk before it was
+        written), or CryptoError after writing a last chunk that ends in
+        part of a unit.
+        """
+        if chunk.error is not None:
+            raise chunk.error
+        whole = chunk.length - chunk.length % unit
+        _write_all(dst, memoryview(chunk.buffer)[:whole])
+        self.free.put(chunk.buffer)
+        if whole != chunk.length:
+            raise CryptoError(f"the input ends with {chunk.length - whole} bytes, not a whole "
+                              f"{unit}-byte data unit ({before + whole} bytes before it were "
+                              "written)")
+        return whole
+
+    def _stop(self, join: bool) -> None:
+        """Wake every worker waiting for a buffer; wait for them only after a clean end
+        (after an error one may be blocked reading a pipe)."""
+        self.stopping.set()
+        for _ in self.threads:
+            self.free.put(None)
+        if join:
+            for thread in self.threads:
+                thread.join()
+
+
+def _read_full(src: Source, view: memoryview) -> int:
+    """Read until ``view`` is full or the input ends; the byte count."""
+    got = 0
+    while got < len(view):
+        n = src.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _write_all(dst: Sink, data: memoryview) -> None:

@@ -302,3 +302,91 @@ def test_stream_api_raises_the_errors_of_its_files() -> None:
         xts_stream(key, io.BytesIO(bytes(16 << 20)), _FailingSink(), 0)
     with pytest.raises(OSError, match="Input/output error"):
         xts_stream(key, _FailingSource(), io.BytesIO(), 0)
+
+
+class _ChoppySource:
+    """Hands its data out in reads of random sizes, as a pipe does."""
+
+    def __init__(self, data: bytes, rng: random.Random) -> None:
+        self.data, self.rng, self.offset = data, rng, 0
+
+    def readinto(self, buffer: memoryview) -> int:
+        n = min(len(buffer), len(self.data) - self.offset, self.rng.randint(1, 3 << 20))
+        buffer[:n] = self.data[self.offset:self.offset + n]
+        self.offset += n
+        return n
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_stream_api_writes_every_chunk_in_order_whatever_the_workers(workers: int) -> None:
+    """Chunks finish out of order on several workers; the output must not."""
+    import io
+
+    from mktme_emu.crypto import XtsKey
+    from mktme_emu.xts_stream import stream_plan, xts_stream
+
+    rng = random.Random(f"workers {workers}")
+    unit = rng.choice([16, 64, 512, 4096])
+    key = random_key(rng, rng.choice([32, 64]))
+    chunk = stream_plan(unit, workers).chunk
+    plain = rng.randbytes(5 * chunk + unit * rng.randint(1, 64))
+    base = carry_base(rng, unit, len(plain) // unit, rng.getrandbits(64))
+    out = io.BytesIO()
+    count = xts_stream(XtsKey(key), _ChoppySource(plain, rng), out, base, unit=unit,
+                       workers=workers)
+    assert count == len(plain)
+    assert out.getvalue() == xts_fast(key, plain, base, unit)
+    back = io.BytesIO()
+    xts_stream(XtsKey(key), io.BytesIO(out.getvalue()), back, base, encrypt=False, unit=unit,
+               workers=workers)
+    assert back.getvalue() == plain
+
+
+def test_stream_api_dun_step_over_several_chunks_and_workers() -> None:
+    import io
+
+    from mktme_emu.crypto import XtsKey
+    from mktme_emu.xts_stream import TweakStep, stream_plan, xts_stream
+
+    rng = random.Random("dun chunks")
+    key = random_key(rng, 64)
+    chunk = stream_plan(4096, 2).chunk
+    plain = rng.randbytes(2 * chunk + 3 * 4096)
+    out = io.BytesIO()
+    xts_stream(XtsKey(key), io.BytesIO(plain), out, 7, unit=4096, tweak_step=TweakStep.DUN,
+               workers=2)
+    tweaks = [7 + i for i in range(len(plain) // 4096)]
+    assert out.getvalue() == xts_reference(key, plain, tweaks, 4096)
+
+
+def test_stream_plan_keeps_its_buffers_in_budget() -> None:
+    from mktme_emu.xts_stream import MAX_STREAM_WORKERS, STREAM_BUFFER_BUDGET, StreamPlan, stream_plan
+
+    for cores in range(1, 65):
+        plan = stream_plan(4096, cores, compiled=True)
+        assert plan.workers == min(cores, MAX_STREAM_WORKERS)
+        assert plan.chunk * plan.buffers <= STREAM_BUFFER_BUDGET
+        assert plan.chunk % 4096 == 0 and plan.chunk >= 2 << 20
+    # The numpy mask of small units needs the GIL: one worker, however many cores.
+    assert stream_plan(64, 8, compiled=False) == StreamPlan(stream_plan(64, 1).chunk, 1)
+
+
+def test_stream_api_stops_every_worker_after_an_error() -> None:
+    import io
+    import threading
+
+    from mktme_emu.crypto import XtsKey
+    from mktme_emu.xts_stream import stream_plan, xts_stream
+
+    raw = random_key(random.Random("stop"), 32)
+    key = XtsKey(raw)
+    with pytest.raises(BrokenPipeError):
+        xts_stream(key, io.BytesIO(bytes(64 << 20)), _FailingSink(), 0, workers=4)
+    out = io.BytesIO()
+    with pytest.raises(OSError, match="Input/output error"):
+        xts_stream(key, _FailingSource(), out, 0, workers=4)
+    assert out.getvalue() == xts_fast(raw, bytes(stream_plan(64, 4).chunk), 0, 64)  # all before the error
+    for thread in threading.enumerate():
+        if thread.name.startswith("xts-stream"):
+            thread.join(timeout=10)
+            assert not thread.is_alive(), thread.name
