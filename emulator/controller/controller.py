@@ -27,6 +27,7 @@ from ..crypto import XtsPool
 from ..errors import ControllerError, ErrorCode
 from ..fileio import FileIO, atomic_write
 from ..keytable import KeyStatus, KeyTable, SlotKind
+from . import fastio
 from .config import PAGE_SIZE, ControllerConfig, TweakMode
 from .lock import StateLock
 from .media import Media
@@ -150,6 +151,8 @@ class MemoryController:
         if length is None:
             self._save_label()
         self.media.sync()
+        if written * PAGE_SIZE >= fastio.STREAM_MIN_BYTES:
+            fastio.return_freed_memory()
         self.stats.account_flush(time.perf_counter() - began)
         unwritable = sum(self.pages.count(k, start, end) for k in self.keys.lost_keyids())
         if unwritable:
@@ -192,6 +195,8 @@ class MemoryController:
         self.keys.power_cycle()
         self.stats.power_cycles += 1
         self.finish_fill(everything)
+        if self.config.pages * PAGE_SIZE >= fastio.STREAM_MIN_BYTES:
+            fastio.return_freed_memory()
 
     def set_base(self, base: int) -> None:
         """The NVDIMM's guest physical base (from QMP); a move is logged and refills."""

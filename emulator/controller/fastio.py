@@ -5,7 +5,8 @@ here) per 4 KiB page: 10 s.  preadv/pwritev into reused buffers move the same
 bytes at memory speed, and a hole of the media (SEEK_DATA/SEEK_HOLE) or a
 range the view must read as zero (fallocate PUNCH_HOLE) needs no copy at all.
 These calls touch the view and read the media; durable media writes still go
-through the journal and the FileIO seam.
+through the journal and the FileIO seam.  :func:`return_freed_memory` gives
+back what the buffers of a large transfer leave behind.
 """
 
 from __future__ import annotations
@@ -89,6 +90,20 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 # A transfer at least this long streams the media (prefetch ahead, drop behind)
 # instead of leaving it in the page cache: see WriteBehind for why.
 STREAM_MIN_BYTES = 64 * 1024 * 1024
+
+
+def return_freed_memory() -> None:
+    """Give the memory freed since the last call back to the kernel (glibc's malloc_trim).
+
+    glibc keeps freed blocks of up to 32 MiB (our 4-64 MiB transfer buffers,
+    once its mmap threshold has grown) in the arena of the thread that
+    freed them, so a fully dirty 4 GiB flush left the backend 239 MiB beside
+    the view; trimmed, 103 MiB.  Python has no binding and no library offers
+    one.  A no-op where libc has no malloc_trim (musl).
+    """
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def prefetch(fd: int, offset: int, length: int) -> None:
