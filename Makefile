@@ -52,8 +52,7 @@ bench: setup kernel
 	$(BIN)/python -m bench
 
 lint: setup
-	$(BIN)/ruff check emulator guest tests bench
-	$(BIN)/mypy emulator guest
+	$(BIN)/python -m pytest -q tests/test_lint.py
 
 demo: setup kernel
 	$(BIN)/mktme-emu scenario all
