@@ -33,11 +33,12 @@ def keys(n: int = 16) -> tuple[bytes, bytes]:
     return os.urandom(n), os.urandom(n)
 
 
-def snapshot(backend, offset: int = 0, pages: int = 64) -> tuple[bytes, bytes, bytes, list]:
-    """What a refused request must leave alone: media, view, metadata, per-page state."""
+def snapshot(backend, offset: int = 0, pages: int = 64) -> tuple[bytes, dict[str, bytes], list]:
+    """What a refused request must leave alone: the view, every state file (media,
+    metadata, the page-state log, the journal) and the per-page state."""
     with backend.client() as c:
         records = c.inspect(offset, pages)
-    return (backend.media(), bytes(backend.view[:backend.size]), backend.metadata_path.read_bytes(),
+    return (bytes(backend.view[:backend.size]), backend.state_files(),
             [(r.keyid, r.logical_tweak, r.kind, r.locked) for r in records])
 
 

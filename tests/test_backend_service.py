@@ -81,13 +81,12 @@ def assert_dropped_with(s: socket.socket, code: ErrorCode) -> None:
 
 
 def state_of(b, client) -> tuple:
-    """Everything a bad client must not change."""
+    """Everything a bad client must not change (every state file: media, metadata, log)."""
     stats = client.stats().as_dict()
     counters = {k: v for k, v in stats.items() if not k.startswith("flush")}
     records = [(r.offset, r.keyid, r.kind, r.locked, r.logical_tweak, r.consistent)
                for r in client.inspect(0, 256)]
-    return (b.media(), b.read(0, b.size), b.metadata_path.read_bytes(), records, counters,
-            client.config())
+    return (b.state_files(), b.read(0, b.size), records, counters, client.config())
 
 
 def setup_some_state(b) -> tuple[bytes, bytes]:
