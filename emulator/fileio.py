@@ -63,14 +63,17 @@ class FileIO:
 OS_IO = FileIO()
 
 
-def write_all(io: FileIO, fd: int, data: Buffer, offset: int) -> None:
-    """pwrite all of ``data`` at ``offset``, or raise OSError (ENOSPC when nothing moves)."""
+def write_all(io: FileIO, fd: int, data: Buffer, offset: int, what: str = "") -> None:
+    """pwrite all of ``data`` at ``offset``, or raise OSError (ENOSPC when nothing moves;
+    ``what`` names the file in that message)."""
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
         n = io.pwrite(fd, view[done:], offset + done)
         if n <= 0:
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (write made no progress)")
+            where = f" to the {what} at {offset + done:#x}" if what else ""
+            raise OSError(errno.ENOSPC,
+                          f"{os.strerror(errno.ENOSPC)} (write{where} made no progress)")
         done += n
 
 

@@ -18,6 +18,8 @@ import errno
 import os
 from collections.abc import Iterator
 
+from ..fileio import OS_IO, write_all
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -39,15 +41,6 @@ def pread_exact(fd: int, buffer: memoryview, offset: int, what: str) -> None:
         done += got
 
 
-def pwrite_exact(fd: int, data: memoryview, offset: int, what: str) -> None:
-    done = 0
-    while done < len(data):
-        got = os.pwrite(fd, data[done:], offset + done)
-        if got <= 0:
-            raise OSError(errno.ENOSPC, f"short write to {what} at {offset + done:#x}")
-        done += got
-
-
 def zero_range(fd: int, offset: int, length: int) -> None:
     """Make [offset, offset+length) of ``fd`` read as zeros: punch a hole (tmpfs frees
     the pages, and a mapping sees zeros), or write zeros where that is refused."""
@@ -55,7 +48,7 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         return
     zeros = memoryview(_ZEROS)
     for at in range(offset, offset + length, len(zeros)):
-        pwrite_exact(fd, zeros[:min(len(zeros), offset + length - at)], at, "view")
+        write_all(OS_IO, fd, zeros[:min(len(zeros), offset + length - at)], at, "view")
 
 
 def data_extents(fd: int, offset: int, length: int) -> Iterator[tuple[int, int]]:

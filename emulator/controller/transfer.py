@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from ..crypto import XtsKey, XtsPool
+from ..fileio import OS_IO, write_all
 from ..keytable import KeyTable
 from .config import PAGE_SIZE, ControllerConfig, TweakMode
 from .digest import CHUNK_BYTES as DIGEST_CHUNK_BYTES
@@ -35,7 +36,6 @@ from .fastio import (
     drop_cached,
     pread_exact,
     prefetch,
-    pwrite_exact,
     zero_range,
 )
 from .media import JOURNAL_BATCH_PAGES, Media, MediaRewrite
@@ -292,7 +292,7 @@ class Transfer:
         self._read_media(offset, staged)
         self.pool.decrypt_into(key, staged, target, self._tweak_base(start))
         self.stats.bytes_decrypted += length
-        pwrite_exact(self.view.fd, target, offset, "view")
+        write_all(OS_IO, self.view.fd, target, offset, "view")
         return Filled.DECRYPTED
 
     def _read_media(self, offset: int, buffer: memoryview) -> None:
@@ -336,7 +336,7 @@ class Transfer:
             if data_end > data_start:
                 piece = target[data_start - offset:data_end - offset]
                 pread_exact(self.media.fd, piece, data_start, "media")
-                pwrite_exact(self.view.fd, piece, data_start, "view")
+                write_all(OS_IO, self.view.fd, piece, data_start, "view")
             at = data_end
         return Filled.COPIED if extents else Filled.ZERO
 
