@@ -64,6 +64,10 @@ class ReplyTimeout(ProtocolError):
     """The backend did not answer within the transport's timeout."""
 
 
+class BackendUnreachable(ProtocolError):
+    """Nothing accepts connections on the backend's socket (it exited, or is restarting)."""
+
+
 class RemoteError(MktmeError):
     """The backend refused a request; ``code`` is its protocol error code."""
 

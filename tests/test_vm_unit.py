@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
-from mktme_emu.errors import ConfigError, MktmeError, VmError
+from mktme_emu.errors import BackendUnreachable, ConfigError, MktmeError, RemoteError, VmError
+from mktme_emu.protocol import Client
 from mktme_emu.vm.emulated import EmulatedNvdimm, EmulatorOptions
 from mktme_emu.vm.initramfs import Entry, cpio_newc, init_script
 from mktme_emu.vm.kernel import cache_dir, load_kernel
-from mktme_emu.vm.launcher import RunRequest, VmResult, command_script
+from mktme_emu.vm.launcher import RunRequest, VmResult, command_script, power_cycle_waiting
 from mktme_emu.vm.modules import ModuleInfo, resolve
 from mktme_emu.vm.qemu import NvdimmSpec, VmConfig, parse_size, qemu_argv
 
@@ -170,3 +172,47 @@ def test_boot_help_has_no_command_and_shows_defaults(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "-- CMD ARGS" in capsys.readouterr().out
+
+
+# -- a power cycle while a backend restarts -----------------------------------------------------
+
+class RestartingBackend:
+    """A backend whose socket refuses ``refusals`` times, then power-cycles (or fails)."""
+
+    def __init__(self, refusals: int, then: Exception | None = None) -> None:
+        self.refusals, self.then, self.calls = refusals, then, 0
+
+    def power_cycle(self) -> None:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise BackendUnreachable("cannot connect to control.sock: Connection refused")
+        if self.then is not None:
+            raise self.then
+
+
+def test_a_power_cycle_waits_for_a_restarting_backend_and_says_so_once() -> None:
+    backend, said = RestartingBackend(refusals=3), []
+    asyncio.run(power_cycle_waiting(backend.power_cycle, said.append, timeout=30))
+    assert backend.calls == 4
+    assert said == ["power cycle: cannot connect to control.sock: Connection refused; "
+                    "waiting up to 30 s for it to come back"]
+
+
+def test_a_power_cycle_gives_up_on_a_backend_that_stays_gone() -> None:
+    backend, said = RestartingBackend(refusals=10**6), []
+    with pytest.raises(BackendUnreachable):
+        asyncio.run(power_cycle_waiting(backend.power_cycle, said.append, timeout=0.5))
+    assert 2 <= backend.calls <= 5 and len(said) == 1
+
+
+def test_a_power_cycle_does_not_retry_a_refusal() -> None:
+    """Only a socket nobody listens on means "restarting"; a backend's own error ends it."""
+    backend = RestartingBackend(refusals=0, then=RemoteError("power cycle failed", 3))
+    with pytest.raises(RemoteError):
+        asyncio.run(power_cycle_waiting(backend.power_cycle, print, timeout=30))
+    assert backend.calls == 1
+
+
+def test_a_socket_nobody_listens_on_is_unreachable(tmp_path: Path) -> None:
+    with pytest.raises(BackendUnreachable, match="cannot connect to"):
+        Client.connect(tmp_path / "control.sock", timeout=1)

@@ -12,7 +12,14 @@ import os
 import select
 import time
 
-from ..errors import ErrorCode, KeyProgramError, ProtocolError, RemoteError, ReplyTimeout
+from ..errors import (
+    BackendUnreachable,
+    ErrorCode,
+    KeyProgramError,
+    ProtocolError,
+    RemoteError,
+    ReplyTimeout,
+)
 from ..vocabulary import RelocateMode
 from .framing import HEADER, U32, U64, Header, Request, encode, new_tag
 from .messages import (
@@ -59,7 +66,8 @@ class SocketTransport:
             self.sock.connect(os.fspath(path))
         except OSError as exc:
             self.sock.close()
-            raise ProtocolError(f"cannot connect to {os.fspath(path)}: {exc.strerror or exc}") from exc
+            raise BackendUnreachable(f"cannot connect to {os.fspath(path)}: "
+                                     f"{exc.strerror or exc}") from exc
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

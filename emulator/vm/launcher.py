@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mktme_emu.errors import BootFailure, MktmeError, VmError
+from mktme_emu.errors import BackendUnreachable, BootFailure, MktmeError, VmError
 from mktme_emu.vm import timeline
 from mktme_emu.vm.console import ConsoleFilter
 from mktme_emu.vm.lifetime import WATCHDOG, die_with_parent
@@ -56,6 +56,9 @@ __all__ = ["EXIT_BOOT_FAILURE", "EXIT_PANIC", "EXIT_TIMEOUT", "NvdimmBackend", "
 #: (panic=-1 resets at once, before pvpanic can be loaded); SeaBIOS's own
 #: second RESET right after a reboot comes within milliseconds of running.
 PANIC_RESET_AFTER = 1.0
+# How long a power cycle waits for a backend whose socket refuses (restarted
+# by hand, or by a test) to answer again; the vCPUs stay stopped meanwhile.
+BACKEND_RETURN_TIMEOUT = 30.0
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 #: Called with a phase name as the run passes it (see the module docstring).
@@ -128,6 +131,31 @@ class QuietTeardown(logging.Filter):
         summary = str(args[-1]) if args else ""
         disconnect = summary.partition(":")[0] in _DISCONNECTS
         return not (disconnect and record.levelno >= logging.ERROR and self.ending())
+
+
+async def power_cycle_waiting(power_cycle: Callable[[], None], progress: Callable[[str], None],
+                              timeout: float = BACKEND_RETURN_TIMEOUT) -> None:
+    """Run a backend's ``power_cycle``; while its socket refuses, retry for up to ``timeout`` s.
+
+    A backend restarted on its state directory comes back on the same
+    socket (QEMU's chardev reconnects to it too): a reboot in that window
+    waits for it, said once, instead of ending the run.  Any other error,
+    or one still refusing after ``timeout``, is raised.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    told = False
+    while True:
+        try:
+            await asyncio.to_thread(power_cycle)
+            return
+        except BackendUnreachable as exc:
+            if loop.time() >= deadline:
+                raise
+            if not told:
+                progress(f"power cycle: {exc}; waiting up to {timeout:.0f} s for it to come back")
+                told = True
+            await asyncio.sleep(0.2)
 
 
 class _Session:
@@ -267,7 +295,7 @@ class _Session:
             await self.qmp.execute("stop")
             stopped = True
         for backend in self.backends:
-            await asyncio.to_thread(backend.power_cycle)
+            await power_cycle_waiting(backend.power_cycle, self.progress)
         if resume and stopped:
             await self.qmp.execute("cont")
 
