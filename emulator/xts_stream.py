@@ -22,6 +22,7 @@ for every byte.
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import queue
 import threading
@@ -81,7 +82,10 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    """What the stream writes to: a file opened in binary mode, BytesIO."""
+    """What the stream writes to: a file opened in binary mode, BytesIO.
+
+    ``write`` must copy what it keeps: the buffer is reused for a later chunk.
+    """
 
     def write(self, data: memoryview, /) -> int | None: ...
 
@@ -136,8 +140,12 @@ def xts_stream(key: XtsKey, src: Source, dst: Sink, tweak_base: int, *,
     check_unit(unit)
     plan = stream_plan(unit, workers)
     stream = _Stream(src, plan)
-    for _ in range(plan.workers):
-        stream.start_worker(_ChunkCrypt(key, unit, encrypt, tweak_step, tweak_base))
+    try:
+        for _ in range(plan.workers):
+            stream.start_worker(_ChunkCrypt(key, unit, encrypt, tweak_step, tweak_base))
+    except BaseException:  # workers already started would wait for buffers forever
+        stream.stop(join=False)
+        raise
     return stream.write_all(dst, unit)
 
 
@@ -159,6 +167,7 @@ class _SharedSource:
         self._lock = threading.Lock()
         self._next_seq = 0
         self._ended = False
+        self._closed = False
 
     def read_next(self, buffer: bytearray) -> _Chunk | None:
         """The next chunk, read into ``buffer``; None once the input ended.
@@ -168,7 +177,7 @@ class _SharedSource:
         ends the input too.
         """
         with self._lock:
-            if self._ended:
+            if self._ended or self._closed:
                 return None
             seq, self._next_seq = self._next_seq, self._next_seq + 1
             try:
@@ -178,6 +187,11 @@ class _SharedSource:
                 return _Chunk(seq, buffer, 0, exc)
             self._ended = length < len(buffer)
             return _Chunk(seq, buffer, length)
+
+    def close(self) -> None:
+        """Start no more reads (after an error).  Not under the lock: a worker may
+        hold it while blocked reading a pipe."""
+        self._closed = True
 
 
 class _Stream:
@@ -233,7 +247,7 @@ class _Stream:
                     total += self._write_chunk(dst, chunk, unit, total)
                     ended = chunk.length < self.plan.chunk
         finally:
-            self._stop(join=ended)
+            self.stop(join=ended)
         return total
 
     def _write_chunk(self, dst: Sink, chunk: _Chunk, unit: int, before: int) -> int:
@@ -254,10 +268,11 @@ class _Stream:
                               "written)")
         return whole
 
-    def _stop(self, join: bool) -> None:
+    def stop(self, join: bool) -> None:
         """Wake every worker waiting for a buffer; wait for them only after a clean end
         (after an error one may be blocked reading a pipe)."""
         self.stopping.set()
+        self.source.close()
         for _ in self.threads:
             self.free.put(None)
         if join:
@@ -270,7 +285,9 @@ def _read_full(src: Source, view: memoryview) -> int:
     got = 0
     while got < len(view):
         n = src.readinto(view[got:])
-        if not n:
+        if n is None:  # a non-blocking file with nothing yet: not supported
+            raise OSError(errno.EAGAIN, "the input would block")
+        if n == 0:
             break
         got += n
     return got
@@ -280,5 +297,7 @@ def _write_all(dst: Sink, data: memoryview) -> None:
     while data:
         n = dst.write(data)
         if n is None:  # a non-blocking file that is full: not supported
-            raise OSError("the output would block")
+            raise OSError(errno.EAGAIN, "the output would block")
+        if n == 0:
+            raise OSError(errno.ENOSPC, "the output took nothing (write made no progress)")
         data = data[n:]

@@ -390,3 +390,35 @@ def test_stream_api_stops_every_worker_after_an_error() -> None:
         if thread.name.startswith("xts-stream"):
             thread.join(timeout=10)
             assert not thread.is_alive(), thread.name
+
+
+class _WouldBlockSource(_ChoppySource):
+    """A non-blocking pipe with nothing in it yet on its second read."""
+
+    def readinto(self, buffer: memoryview) -> int | None:  # type: ignore[override]
+        if self.offset:
+            return None
+        return super().readinto(buffer)
+
+
+class _StuckSink:
+    """Takes nothing, as a full disk may answer a write."""
+
+    def write(self, data: memoryview) -> int:
+        return 0
+
+
+def test_stream_api_refuses_inputs_and_outputs_that_would_block_or_stall() -> None:
+    """A None from readinto is not the end of the input: cutting the output short
+    there would lose data silently; a write taking nothing must not spin forever."""
+    import io
+
+    from mktme_emu.crypto import XtsKey
+    from mktme_emu.xts_stream import xts_stream
+
+    rng = random.Random("would block")
+    key = XtsKey(random_key(rng, 32))
+    with pytest.raises(BlockingIOError, match="the input would block"):
+        xts_stream(key, _WouldBlockSource(rng.randbytes(12 << 20), rng), io.BytesIO(), 0)
+    with pytest.raises(OSError, match="made no progress"):
+        xts_stream(key, io.BytesIO(bytes(1 << 20)), _StuckSink(), 0)

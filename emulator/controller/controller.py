@@ -151,7 +151,7 @@ class MemoryController:
         if length is None:
             self._save_label()
         self.media.sync()
-        if written * PAGE_SIZE >= fastio.STREAM_MIN_BYTES:
+        if (end - start) * PAGE_SIZE >= fastio.STREAM_MIN_BYTES:  # its buffers were large
             fastio.return_freed_memory()
         self.stats.account_flush(time.perf_counter() - began)
         unwritable = sum(self.pages.count(k, start, end) for k in self.keys.lost_keyids())

@@ -8,6 +8,7 @@ discarded, never taken as the answer to a later request.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import time
@@ -66,8 +67,10 @@ class SocketTransport:
             self.sock.connect(os.fspath(path))
         except OSError as exc:
             self.sock.close()
-            raise BackendUnreachable(f"cannot connect to {os.fspath(path)}: "
-                                     f"{exc.strerror or exc}") from exc
+            # No socket, or nobody listening on it: the backend exited or is restarting.
+            gone = exc.errno in (errno.ENOENT, errno.ECONNREFUSED)
+            error = BackendUnreachable if gone else ProtocolError
+            raise error(f"cannot connect to {os.fspath(path)}: {exc.strerror or exc}") from exc
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
