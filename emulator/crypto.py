@@ -401,11 +401,6 @@ class XtsPool:
         self._executor = (ThreadPoolExecutor(self.workers, thread_name_prefix="xts")
                           if self.workers > 1 else None)
 
-    @property
-    def splits(self) -> bool:
-        """Does a large range run on several workers (else always on the caller's thread)?"""
-        return self._executor is not None and threads_gain(self.unit, self.compiled)
-
     def _engine(self) -> XtsEngine:
         engine: XtsEngine | None = getattr(self._local, "engine", None)
         if engine is None:
@@ -433,7 +428,8 @@ class XtsPool:
         if len(dst) != length or length % self.unit:
             raise CryptoError(f"bad XTS range: {length} bytes in, {len(dst)} out, "
                               f"{self.unit}-byte units")
-        if self._executor is None or not self.splits or length < 2 * PARALLEL_MIN:
+        if (self._executor is None or not threads_gain(self.unit, self.compiled)
+                or length < 2 * PARALLEL_MIN):
             piece(0, length)
             return
         step = -(-length // self.workers)

@@ -68,11 +68,10 @@ def stream_plan(unit: int, workers: int | None = None, compiled: bool = COMPILED
     cores = workers if workers is not None else (os.cpu_count() or 1)
     if not threads_gain(unit, compiled):
         cores = 1
-    count = max(1, min(cores, MAX_STREAM_WORKERS))
-    chunk = STREAM_CHUNK
-    while chunk * (count + 1) > STREAM_BUFFER_BUDGET:
-        chunk //= 2
-    return StreamPlan(chunk, count)
+    plan = StreamPlan(STREAM_CHUNK, max(1, min(cores, MAX_STREAM_WORKERS)))
+    while plan.chunk * plan.buffers > STREAM_BUFFER_BUDGET:
+        plan = StreamPlan(plan.chunk // 2, plan.workers)
+    return plan
 
 
 class Source(Protocol):
